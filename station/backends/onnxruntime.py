@@ -1,0 +1,40 @@
+"""ONNX Runtime on the CPU: the embedded default backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from station.errors import BackendError, BundleError
+
+
+class OnnxRuntimeModel:
+    def __init__(self, path: Path, input_name: str, output_name: str, threads: int = 0) -> None:
+        self.name = path.name
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # 0 lets ONNX Runtime pick one thread per physical core.
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped exceptions for bad files
+            raise BundleError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        if input_name not in inputs:
+            raise BundleError(f"{path}: has no input {input_name!r} (inputs: {sorted(inputs)})")
+        if output_name not in outputs:
+            raise BundleError(f"{path}: has no output {output_name!r} (outputs: {sorted(outputs)})")
+        self._input = input_name
+        self._output = output_name
+        self.input_shape = tuple(inputs[input_name].shape)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            (out,) = self._session.run([self._output], {self._input: batch})
+        except Exception as exc:
+            raise BackendError(f"{self.name}: inference failed: {exc}") from exc
+        return np.asarray(out)

@@ -1,0 +1,196 @@
+"""Model bundle: ``models/<name>/manifest.yaml`` plus the ONNX files it lists.
+
+The manifest is the contract between training and serving: classes, input
+sizes, normalisation, interpolation, the anomaly threshold and how it was
+chosen, the training data's fingerprint, headline metrics and a checksum of
+every file. A bundle whose files do not match their checksums is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from station.errors import BundleError
+from station.mvtec import GOOD
+from station.preprocess import InputSpec, PreprocessSpec
+from station.validation import describe_validation_error
+
+MANIFEST = "manifest.yaml"
+BUNDLE_FORMAT = "station.bundle/1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputManifest(_Strict):
+    size: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "area"
+
+    @field_validator("interpolation")
+    @classmethod
+    def _known_interpolation(cls, v: str) -> str:
+        from station.preprocess import INTERPOLATIONS
+
+        if v not in INTERPOLATIONS:
+            raise ValueError(f"must be one of {sorted(INTERPOLATIONS)}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+    def spec(self) -> InputSpec:
+        return InputSpec(self.size, self.mean, self.std, self.interpolation)
+
+
+class ModelFile(_Strict):
+    file: str
+    arch: str
+    input: str = "input"
+    output: str
+
+
+class AnomalyManifest(_Strict):
+    smoothing_sigma: float = Field(ge=0)
+    top_k_fraction: float = Field(gt=0, le=1)
+    threshold: float
+    threshold_method: str
+    calibration_scores: str | None = None
+
+
+class DecisionManifest(_Strict):
+    class_confidence: float = Field(default=0.5, gt=0, le=1)
+
+
+class Manifest(_Strict):
+    format: str = BUNDLE_FORMAT
+    name: str
+    version: str
+    created_at: str
+    classes: tuple[str, ...]
+    canonical_size: int = Field(gt=0)
+    inputs: dict[str, InputManifest]
+    models: dict[str, ModelFile]
+    anomaly: AnomalyManifest
+    decision: DecisionManifest = DecisionManifest()
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=dict)  # relative path → sha256
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v != BUNDLE_FORMAT:
+            raise ValueError(f"unsupported bundle format {v!r}, this station reads {BUNDLE_FORMAT!r}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_sane(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) < 2:
+            raise ValueError("a classifier needs at least 2 classes")
+        if len(set(v)) != len(v):
+            raise ValueError("class names must be unique")
+        if GOOD not in v:
+            raise ValueError(f"the classes must include {GOOD!r}, the class that passes")
+        return v
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec(
+            canonical_size=self.canonical_size,
+            classifier=self.inputs["classifier"].spec(),
+            autoencoder=self.inputs["autoencoder"].spec(),
+        )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Bundle:
+    """A verified bundle on disk."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+
+    def model_path(self, role: str) -> Path:
+        return self.root / self.manifest.models[role].file
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest.name} {self.manifest.version}"
+
+
+REQUIRED_ROLES = ("classifier", "autoencoder")
+
+
+def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
+    """Read and verify ``root/manifest.yaml``; BundleError names the file and the problem."""
+    if not root.exists():
+        raise BundleError(f"model bundle {root} does not exist")
+    if not root.is_dir():
+        raise BundleError(f"model bundle {root} is not a directory")
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing (is {root} a model bundle made by `station train`?)")
+    try:
+        raw = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BundleError(f"{manifest_path}: cannot be read as YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{manifest_path}: expected a mapping at the top level")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{manifest_path}: {describe_validation_error(exc)}") from exc
+    for role in REQUIRED_ROLES:
+        if role not in manifest.models:
+            raise BundleError(f"{manifest_path}: models.{role}: required model is missing")
+        if role not in manifest.inputs:
+            raise BundleError(f"{manifest_path}: inputs.{role}: required input spec is missing")
+    for role in REQUIRED_ROLES:
+        path = root / manifest.models[role].file
+        if not path.is_file():
+            raise BundleError(f"{path}: model file listed in {manifest_path} is missing")
+        if manifest.models[role].file not in manifest.files:
+            raise BundleError(f"{manifest_path}: files: no checksum for {manifest.models[role].file}")
+    if verify_checksums:
+        for rel, expected in manifest.files.items():
+            path = root / rel
+            if not path.is_file():
+                raise BundleError(f"{path}: listed in {manifest_path} but missing")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise BundleError(
+                    f"{path}: checksum mismatch (manifest {expected[:12]}…, file {actual[:12]}…): "
+                    "the file was changed or corrupted after the bundle was written"
+                )
+    return Bundle(root, manifest)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write the manifest with checksums of every listed model and extra file."""
+    path = root / MANIFEST
+    data = manifest.model_dump(mode="json")
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def checksums(root: Path, relpaths: list[str]) -> dict[str, str]:
+    return {rel: sha256_file(root / rel) for rel in relpaths}

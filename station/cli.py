@@ -1,0 +1,346 @@
+"""The `station` command. Errors a user can act on become one line and an exit code.
+
+Serving commands (run, replay, subscribe) never import torch; `train` does,
+lazily, and says which extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from station import __version__
+from station.errors import (
+    EXIT_OK,
+    EXIT_RUNTIME,
+    ConfigError,
+    MissingDependencyError,
+    StationError,
+)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="station",
+        description="Edge inspection station for bottling lines: pass/fail verdicts for every bottle over ZeroMQ.",
+    )
+    p.add_argument("--version", action="version", version=f"station {__version__}")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="generate procedural bottle images in MVTec AD layout")
+    s.add_argument("--out", type=Path, required=True, help="folder to create; images go to OUT/bottle/…")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train-good", type=_positive_int, default=60, help="good images in train/good")
+    s.add_argument("--test-per-class", type=_positive_int, default=15, help="images per class in test/")
+
+    t = sub.add_parser("train", help="train classifier + autoencoder and write an ONNX model bundle")
+    t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
+    t.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
+    t.add_argument("--epochs", type=_positive_int, default=30, help="classifier epochs")
+    t.add_argument("--ae-epochs", type=_positive_int, default=None, help="autoencoder epochs (default: --epochs)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=_positive_int, default=16)
+    t.add_argument("--target-false-reject", type=_positive_float, default=0.01,
+                   help="fraction of good bottles the anomaly threshold may reject (default 0.01)")
+    t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    t.add_argument("--threads", type=_positive_int, default=0, help="torch CPU threads (0: all cores)")
+
+    r = sub.add_parser("replay", help="run a recorded image folder through the station")
+    r.add_argument("--model", type=Path, required=True, help="model bundle folder")
+    r.add_argument("--source", type=Path, required=True, help="folder of images (recursive, sorted)")
+    r.add_argument("--publish", metavar="ENDPOINT", help="bind a ZeroMQ PUB endpoint, e.g. tcp://127.0.0.1:5556")
+    r.add_argument("--out", type=Path, help="write every verdict message to this JSONL file")
+    r.add_argument("--metrics", type=Path, help="write the summary as JSON (default: next to --out)")
+    r.add_argument("--wait-subscribers", type=_positive_int, default=0, metavar="N",
+                   help="hold the first verdict until N subscribers are connected")
+    r.add_argument("--wait-timeout", type=_positive_float, default=30.0, metavar="S")
+    r.add_argument("--rate", type=_positive_float, default=None, metavar="FPS", help="pace frames at FPS")
+    r.add_argument("--station-id", default="replay")
+    r.add_argument("--threads", type=_positive_int, default=0, help="inference threads (0: ONNX Runtime default)")
+
+    c = sub.add_parser("subscribe", help="print one line per verdict from a station")
+    c.add_argument("--connect", required=True, metavar="ENDPOINT")
+    c.add_argument("--station-id", default=None, help="only this station (default: all)")
+    c.add_argument("--count", type=_positive_int, default=0, help="exit after N verdicts (0: never)")
+    c.add_argument("--timeout", type=_positive_float, default=None, help="exit after S seconds of silence")
+    c.add_argument("--exit-on-stop", action="store_true", help="exit when the station reports it stopped")
+    c.add_argument("--json", action="store_true", help="print each verdict as its JSON message")
+
+    n = sub.add_parser("run", help="run the station as a long-running service")
+    n.add_argument("--config", type=Path, required=True, help="station.yaml")
+    return p
+
+
+# -- handlers -------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from station.synth import write_dataset
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 20 == 0:
+            print(f"\rsynth: {done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    try:
+        summary = write_dataset(args.out, seed=args.seed, train_good=args.train_good,
+                                test_per_class=args.test_per_class, progress=progress)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise StationError(f"cannot write to {args.out}: {exc}") from exc
+    counts = ", ".join(f"{k} {v}" for k, v in summary.counts.items())
+    print(f"wrote {summary.root}: {counts}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from station.training.train import TrainOptions, train_bundle
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"`station train` needs the train extra (torch, torchvision, onnx): "
+            f"pip install 'station[train]' ({exc})"
+        ) from exc
+    options = TrainOptions(
+        data=args.data, out=args.out, epochs=args.epochs,
+        ae_epochs=args.ae_epochs if args.ae_epochs is not None else args.epochs,
+        seed=args.seed, batch_size=args.batch_size, target_false_reject=args.target_false_reject,
+        name=args.name or args.out.name, threads=args.threads,
+    )
+    manifest = train_bundle(options)
+    print(f"wrote bundle {args.out} ({manifest.name} {manifest.version})")
+    print(json.dumps(manifest.metrics, indent=2))
+    return EXIT_OK
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class JsonlSink:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f: TextIO = path.open("w", encoding="utf-8", buffering=1)
+        except OSError as exc:
+            raise ConfigError(f"cannot write verdicts to {path}: {exc}") from exc
+
+    def __call__(self, _verdict: Any, message: dict[str, Any]) -> None:
+        self._f.write(json.dumps(message, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import structlog
+
+    from station.bundle import load_bundle
+    from station.daemon import Station
+    from station.pipeline import Pipeline
+    from station.publish import VerdictPublisher
+    from station.replay import ReplayCollector, format_summary
+    from station.sources.folder import FolderReplaySource
+
+    log = structlog.get_logger("station.replay")
+    bundle = load_bundle(args.model)
+    source = FolderReplaySource(args.source, bundle.manifest.classes, rate=args.rate)
+    pipeline = Pipeline(bundle, threads=args.threads)
+    pipeline.warm_up()
+    run_id = uuid.uuid4().hex
+    publisher = VerdictPublisher(args.publish, args.station_id, run_id) if args.publish else None
+    collector = ReplayCollector(bundle.manifest.classes)
+    sinks: list[Callable[..., None]] = [collector]
+    jsonl = JsonlSink(args.out) if args.out else None
+    if jsonl:
+        sinks.append(jsonl)
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        if publisher and args.wait_subscribers:
+            log.info("waiting_for_subscribers", wanted=args.wait_subscribers, endpoint=args.publish)
+            got = publisher.wait_for_subscribers(args.wait_subscribers, args.wait_timeout)
+            if got < args.wait_subscribers:
+                raise StationError(
+                    f"only {got} of {args.wait_subscribers} subscribers connected to {args.publish} "
+                    f"within {args.wait_timeout:g} s"
+                )
+        log.info("replay_start", source=source.describe(), model=bundle.label, run_id=run_id)
+        collector.restart_clock()
+        station = Station(pipeline, source, args.station_id, run_id, publisher, sinks)
+        counters = station.run(stop)
+    finally:
+        if jsonl:
+            jsonl.close()
+        if publisher:
+            publisher.close()
+    summary = collector.summary()
+    summary.update(model=bundle.manifest.name, version=bundle.manifest.version, source=str(args.source),
+                   run_id=run_id, counters=counters.snapshot())
+    metrics_path = args.metrics or (args.out.with_suffix(".metrics.json") if args.out else None)
+    if metrics_path:
+        metrics_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(format_summary(summary))
+    if metrics_path:
+        print(f"metrics written to {metrics_path}")
+    return EXIT_RUNTIME if station.source_error else EXIT_OK
+
+
+def _format_verdict_line(m: dict[str, Any]) -> str:
+    verdict = str(m.get("verdict", "?")).upper()
+    head = f"#{m.get('seq', '?'):<5} {verdict:<7}"
+    total = m.get("latency_ms", {}).get("total")
+    tail = f"{m.get('frame_id', '')}" + (f"  {total:.1f} ms" if isinstance(total, (int, float)) else "")
+    if m.get("error"):
+        err = m["error"]
+        return f"{head} error {err.get('reason')}: {err.get('detail')}  [{tail}]"
+    if verdict == "SKIPPED":
+        return f"{head} {','.join(m.get('reasons', []))}  {tail}"
+    cls = m.get("class") or {}
+    an = m.get("anomaly") or {}
+    reasons = ",".join(m.get("reasons", []))
+    truth = m.get("truth")
+    return (
+        f"{head} {cls.get('label', '?'):<14} {cls.get('confidence', 0):.2f}  "
+        f"anomaly {an.get('score', 0):.4f}/{an.get('threshold', 0):.4f}"
+        + (f"  [{reasons}]" if reasons else "")
+        + (f"  truth={truth}" if truth else "")
+        + f"  {tail}"
+    )
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from station.publish import SequenceTracker, Subscriber
+
+    sub = Subscriber(args.connect, station=args.station_id)
+    tracker = SequenceTracker()
+    received = 0
+    outcome: dict[str, int] = {}
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        while not stop.is_set():
+            item = sub.receive(args.timeout if args.timeout else 0.5)
+            if item is None:
+                if args.timeout:
+                    print(f"subscribe: no message for {args.timeout:g} s, exiting", file=sys.stderr)
+                    break
+                continue
+            m = item.message
+            if item.topic.startswith("heartbeat."):
+                stopped = m.get("state") == "stopped" and m.get("run_id") == tracker.run_id
+                if args.exit_on_stop and stopped and m.get("next_seq") == tracker.expected:
+                    break
+                continue
+            for note in tracker.observe(str(m.get("run_id")), int(m.get("seq", -1))):
+                print(f"subscribe: warning: {note}", file=sys.stderr, flush=True)
+            received += 1
+            outcome[m.get("verdict", "?")] = outcome.get(m.get("verdict", "?"), 0) + 1
+            line = json.dumps(m, ensure_ascii=False) if args.json else _format_verdict_line(m)
+            print(line, flush=True)
+            if args.count and received >= args.count:
+                break
+    finally:
+        sub.close()
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.items()))
+    print(f"subscribe: {received} verdicts ({parts}); {tracker.gaps} gaps, {tracker.missed} missed",
+          file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+
+    from station.bundle import load_bundle
+    from station.config import load_config
+    from station.daemon import Station
+    from station.logsetup import configure_logging
+    from station.pipeline import Pipeline
+    from station.publish import VerdictPublisher
+    from station.sources.folder import WatchedFolderSource
+
+    config = load_config(args.config)
+    configure_logging(args.log_level or config.log_level)
+    log = structlog.get_logger("station.run")
+    bundle = load_bundle(config.model)
+    source = WatchedFolderSource(config.source.path, config.source.poll_interval_s, config.source.process_existing)
+    pipeline = Pipeline(
+        bundle, backend=config.inference.backend, threads=config.inference.threads,
+        class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
+    )
+    pipeline.warm_up()
+    run_id = uuid.uuid4().hex
+    publisher = VerdictPublisher(config.publish.endpoint, config.station_id, run_id)
+    jsonl = JsonlSink(config.output.jsonl) if config.output.jsonl else None
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    log.info("station_ready", station=config.station_id, model=bundle.label, endpoint=config.publish.endpoint,
+             run_id=run_id)
+    station = Station(pipeline, source, config.station_id, run_id, publisher, [jsonl] if jsonl else [],
+                      queue_size=config.inference.queue_size,
+                      heartbeat_interval_s=config.publish.heartbeat_interval_s)
+    try:
+        station.run(stop)
+    finally:
+        if jsonl:
+            jsonl.close()
+        publisher.close()
+    return EXIT_RUNTIME if station.source_error else EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "synth": cmd_synth,
+    "train": cmd_train,
+    "replay": cmd_replay,
+    "subscribe": cmd_subscribe,
+    "run": cmd_run,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        from station.logsetup import configure_logging
+
+        configure_logging(args.log_level or "info")
+    try:
+        return HANDLERS[args.command](args)
+    except StationError as exc:
+        print(f"station {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"station {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Classification and anomaly-detection metrics, in numpy (no sklearn on a station)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def confusion_matrix(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Rows: true class; columns: predicted class."""
+    index = {c: i for i, c in enumerate(classes)}
+    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for t, p in zip(truth, predicted, strict=True):
+        cm[index[t], index[p]] += 1
+    return cm
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (probability a positive outranks a negative; ties count half).
+
+    None when one of the two groups is empty, where AUROC is undefined.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    rank_sum = ranks[y].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_report(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+    cm = confusion_matrix(truth, predicted, classes)
+    total = int(cm.sum())
+    correct = int(np.trace(cm))
+    per_class: dict[str, dict[str, float | int | None]] = {}
+    for i, c in enumerate(classes):
+        support = int(cm[i].sum())
+        predicted_n = int(cm[:, i].sum())
+        per_class[c] = {
+            "support": support,
+            "recall": cm[i, i] / support if support else None,
+            "precision": cm[i, i] / predicted_n if predicted_n else None,
+        }
+    return {
+        "n": total,
+        "accuracy": correct / total if total else None,
+        "per_class": per_class,
+        "confusion_matrix": {"classes": list(classes), "rows_true_cols_predicted": cm.tolist()},
+    }
+
+
+def format_confusion(cm: list[list[int]], classes: Sequence[str]) -> str:
+    width = max(len(c) for c in classes) + 2
+    head = " " * width + "".join(f"{c[:12]:>14}" for c in classes)
+    rows = [head]
+    for c, row in zip(classes, cm, strict=True):
+        rows.append(f"{c:<{width}}" + "".join(f"{v:>14}" for v in row))
+    return "\n".join(rows)

@@ -1,0 +1,31 @@
+"""The unit of work that flows from a source through the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from station.errors import FrameError
+
+
+@dataclass
+class Frame:
+    """One captured bottle image.
+
+    A source that cannot decode what it captured still emits a Frame, with
+    ``image`` None and ``error`` set, so that the frame gets a ``fail``
+    verdict instead of vanishing.
+    """
+
+    seq: int
+    frame_id: str
+    source: str
+    captured_at: float  # UTC epoch seconds (wall clock, for messages)
+    captured_mono: float  # time.monotonic() at capture, for latencies
+    image: np.ndarray | None = None  # BGR uint8, any size; brought to canonical view by preprocess
+    label: str | None = None  # ground truth from a labelled replay folder
+    error: FrameError | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,72 @@
+"""Both models of a bundle → class probabilities, anomaly score and anomaly map."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from station.anomaly import AnomalyParams, image_score, smooth
+from station.backends import ModelRunner, load_model
+from station.bundle import Bundle
+from station.errors import BackendError
+from station.preprocess import ModelInputs
+
+
+@dataclass
+class Scores:
+    probabilities: np.ndarray  # (n_classes,), sums to 1
+    anomaly_score: float
+    anomaly_map: np.ndarray  # (h, w) smoothed error map at the autoencoder's resolution
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Inspector:
+    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int = 0) -> None:
+        m = bundle.manifest
+        self.bundle = bundle
+        self.classes = m.classes
+        self.backend = backend
+        self.params = AnomalyParams(m.anomaly.smoothing_sigma, m.anomaly.top_k_fraction)
+        self.preprocess_spec = m.preprocess_spec()
+        self.classifier: ModelRunner = load_model(
+            backend, bundle.model_path("classifier"), m.models["classifier"].input,
+            m.models["classifier"].output, threads,
+        )
+        self.autoencoder: ModelRunner = load_model(
+            backend, bundle.model_path("autoencoder"), m.models["autoencoder"].input,
+            m.models["autoencoder"].output, threads,
+        )
+
+    def warm_up(self, runs: int = 2) -> None:
+        """Run both models on blank inputs so the first bottle does not pay for lazy init."""
+        spec = self.preprocess_spec
+        c = np.zeros((1, 3, spec.classifier.size, spec.classifier.size), np.float32)
+        a = np.zeros((1, 3, spec.autoencoder.size, spec.autoencoder.size), np.float32)
+        for _ in range(runs):
+            self.inspect(ModelInputs(c, a, (0, 0, spec.canonical_size)))
+
+    def inspect(self, inputs: ModelInputs) -> Scores:
+        t0 = time.perf_counter()
+        probs = self.classifier.run(inputs.classifier)
+        t1 = time.perf_counter()
+        error_map = self.autoencoder.run(inputs.autoencoder)
+        t2 = time.perf_counter()
+        if probs.shape != (1, len(self.classes)):
+            raise BackendError(
+                f"classifier output shape {probs.shape} does not match {len(self.classes)} classes"
+            )
+        smoothed = smooth(error_map.reshape(error_map.shape[-2:]), self.params)
+        score = image_score(smoothed, self.params)
+        t3 = time.perf_counter()
+        return Scores(
+            probabilities=probs[0].astype(np.float64),
+            anomaly_score=score,
+            anomaly_map=smoothed,
+            latency_ms={
+                "classifier": (t1 - t0) * 1e3,
+                "autoencoder": (t2 - t1) * 1e3,
+                "anomaly_map": (t3 - t2) * 1e3,
+            },
+        )

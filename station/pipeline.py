@@ -1,0 +1,71 @@
+"""One frame → one verdict: preprocess, inspect, decide. Never raises for a bad frame."""
+
+from __future__ import annotations
+
+import time
+
+from station.bundle import Bundle
+from station.decide import Policy, decide
+from station.errors import FrameError, StationError
+from station.frame import Frame
+from station.inspector import Inspector
+from station.preprocess import preprocess
+from station.verdict import Verdict, error_verdict
+
+REASON_INFERENCE = "inference_error"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "onnxruntime",
+        threads: int = 0,
+        class_confidence: float | None = None,
+        anomaly_threshold: float | None = None,
+    ) -> None:
+        m = bundle.manifest
+        self.bundle = bundle
+        self.inspector = Inspector(bundle, backend, threads)
+        self.policy = Policy(
+            classes=m.classes,
+            class_confidence=class_confidence if class_confidence is not None else m.decision.class_confidence,
+            anomaly_threshold=anomaly_threshold if anomaly_threshold is not None else m.anomaly.threshold,
+            canonical_size=m.canonical_size,
+        )
+        self.model = {"name": m.name, "version": m.version}
+
+    def warm_up(self) -> None:
+        self.inspector.warm_up()
+
+    def process(self, frame: Frame) -> Verdict:
+        if frame.error is not None:
+            return error_verdict(frame, frame.error.reason, frame.error.detail, self.model)
+        if frame.image is None:
+            return error_verdict(frame, "unreadable_image", "source delivered no image", self.model)
+        latency = dict(frame.latency_ms)
+        try:
+            t0 = time.perf_counter()
+            inputs = preprocess(frame.image, self.inspector.preprocess_spec)
+            t1 = time.perf_counter()
+            scores = self.inspector.inspect(inputs)
+            t2 = time.perf_counter()
+            decision = decide(scores, self.policy)
+            t3 = time.perf_counter()
+        except FrameError as exc:
+            return error_verdict(frame, exc.reason, exc.detail, self.model)
+        except (StationError, ValueError, RuntimeError) as exc:
+            # Fail-safe: an inspection that breaks is a failed bottle, not a crashed line.
+            return error_verdict(frame, REASON_INFERENCE, str(exc), self.model)
+        latency["preprocess"] = (t1 - t0) * 1e3
+        latency.update(scores.latency_ms)
+        latency["decide"] = (t3 - t2) * 1e3
+        return Verdict(
+            frame=frame,
+            verdict=decision.verdict,
+            reasons=decision.reasons,
+            model=self.model,
+            decision=decision,
+            threshold=self.policy.anomaly_threshold,
+            latency_ms=latency,
+        )

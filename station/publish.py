@@ -1,0 +1,182 @@
+"""ZeroMQ publishing of verdicts and heartbeats, and the subscriber side.
+
+Wire format: multipart ``[topic, payload]``; topics ``verdict.<station_id>``
+and ``heartbeat.<station_id>``; payload UTF-8 JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from station.errors import PublishError
+from station.timefmt import iso_utc
+from station.verdict import Verdict, encode
+
+HEARTBEAT_SCHEMA = "station.heartbeat/1"
+
+# Room for a burst of verdicts to a briefly slow subscriber; past it ZeroMQ drops
+# for that subscriber, and the subscriber sees the gap in ``seq``.
+SEND_HWM = 100_000
+
+
+def verdict_topic(station: str) -> str:
+    return f"verdict.{station}"
+
+
+def heartbeat_topic(station: str) -> str:
+    return f"heartbeat.{station}"
+
+
+class VerdictPublisher:
+    """XPUB socket bound to ``endpoint``; stamps seq and published_at on each verdict.
+
+    XPUB rather than PUB so the station sees subscriptions arrive, which lets
+    replay hold its first verdict until the expected subscribers are connected.
+    """
+
+    def __init__(self, endpoint: str, station: str, run_id: str, context: zmq.Context[Any] | None = None):
+        self.station = station
+        self.run_id = run_id
+        self.seq = 0
+        self._verdict_topic = verdict_topic(station).encode()
+        self._heartbeat_topic = heartbeat_topic(station).encode()
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.XPUB)
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        # Deliver every subscription message, also repeats of a topic another
+        # subscriber already holds, so each subscriber is counted.
+        self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise PublishError(f"cannot bind {endpoint}: {exc}") from exc
+        self.endpoint = endpoint
+        self.subscribers = 0
+
+    def _drain_subscriptions(self, timeout_ms: int = 0) -> None:
+        wanted = (self._verdict_topic, b"verdict.", b"verdict", b"")
+        while self._sock.poll(timeout_ms, zmq.POLLIN):
+            msg = self._sock.recv()
+            timeout_ms = 0
+            if not msg:
+                continue
+            topic = msg[1:]
+            if topic in wanted or self._verdict_topic.startswith(topic):
+                if msg[0] == 1:
+                    self.subscribers += 1
+                elif msg[0] == 0:
+                    self.subscribers = max(0, self.subscribers - 1)
+
+    def wait_for_subscribers(self, n: int, timeout_s: float) -> int:
+        """Block until ``n`` verdict subscriptions have arrived or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while self.subscribers < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._drain_subscriptions(int(min(left, 0.2) * 1000) + 1)
+        # A subscription arrives once the subscriber's pipe is attached, so a
+        # message sent now reaches it; no extra settle time is needed.
+        return self.subscribers
+
+    def publish(self, verdict: Verdict) -> dict[str, Any]:
+        message = verdict.to_message(self.station, self.run_id, self.seq, time.time())
+        self._sock.send_multipart([self._verdict_topic, encode(message)])
+        self.seq += 1
+        self._drain_subscriptions()
+        return message
+
+    def heartbeat(self, state: str, counters: dict[str, int], fps: float, extra: dict[str, Any] | None = None) -> None:
+        message = {
+            "schema": HEARTBEAT_SCHEMA,
+            "station": self.station,
+            "run_id": self.run_id,
+            "state": state,
+            "sent_at": iso_utc(time.time()),
+            "next_seq": self.seq,
+            "counters": counters,
+            "fps": round(fps, 3),
+            **(extra or {}),
+        }
+        self._sock.send_multipart([self._heartbeat_topic, encode(message)])
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@dataclass
+class Received:
+    topic: str
+    message: dict[str, Any]
+
+
+class Subscriber:
+    """SUB socket connected to a station; yields decoded verdicts and heartbeats."""
+
+    def __init__(self, endpoint: str, station: str | None = None, heartbeats: bool = True,
+                 context: zmq.Context[Any] | None = None) -> None:
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, SEND_HWM)
+        suffix = station or ""
+        self._sock.setsockopt(zmq.SUBSCRIBE, f"verdict.{suffix}".encode())
+        if heartbeats:
+            self._sock.setsockopt(zmq.SUBSCRIBE, f"heartbeat.{suffix}".encode())
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise PublishError(f"cannot connect to {endpoint}: {exc}") from exc
+
+    def receive(self, timeout_s: float | None) -> Received | None:
+        """The next message, or None after ``timeout_s`` seconds of silence."""
+        timeout_ms = None if timeout_s is None else int(timeout_s * 1000)
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        parts = self._sock.recv_multipart()
+        topic = parts[0].decode("utf-8", "replace")
+        try:
+            message = json.loads(parts[-1].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            message = {"_undecodable": parts[-1][:200].decode("utf-8", "replace")}
+        return Received(topic, message)
+
+    def close(self) -> None:
+        self._sock.close(0)
+
+
+class SequenceTracker:
+    """Detects lost verdicts (seq gaps) and station restarts (new run_id)."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.expected = 0
+        self.gaps = 0
+        self.missed = 0
+
+    def observe(self, run_id: str, seq: int) -> list[str]:
+        notes: list[str] = []
+        if run_id != self.run_id:
+            if self.run_id is not None:
+                notes.append(f"new run_id {run_id} (was {self.run_id}): the station restarted")
+            self.run_id = run_id
+            if seq != 0:
+                notes.append(f"joined run {run_id} at seq {seq}")
+        elif seq != self.expected:
+            if seq > self.expected:
+                lost = seq - self.expected
+                self.gaps += 1
+                self.missed += lost
+                notes.append(f"seq gap: expected {self.expected}, got {seq} ({lost} verdicts missed)")
+            else:
+                notes.append(f"seq went back: expected {self.expected}, got {seq}")
+        self.expected = seq + 1
+        return notes

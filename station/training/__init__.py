@@ -1,0 +1,1 @@
+"""Training, calibration and export: the only part of station that imports torch."""

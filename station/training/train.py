@@ -1,0 +1,323 @@
+"""`station train`: classifier + autoencoder → ONNX bundle, calibrated and evaluated.
+
+The bundle is written to a temporary folder next to ``--out`` and moved into
+place only when complete, so a failed or interrupted training never leaves a
+half-written bundle where a station would load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from station.bundle import (
+    AnomalyManifest,
+    DecisionManifest,
+    InputManifest,
+    Manifest,
+    ModelFile,
+    checksums,
+    load_bundle,
+    write_manifest,
+)
+from station.frame import Frame
+from station.mvtec import BOTTLE_CLASSES, LabelledImage
+from station.pipeline import Pipeline
+from station.preprocess import InputSpec, PreprocessSpec
+from station.replay import ReplayCollector
+from station.sources.folder import load_frame
+from station.training.data import Split, discover, fingerprint, stratified_split, tensors
+from station.training.export import INPUT_NAME, check_parity, export_onnx
+from station.training.nets import (
+    AUTOENCODER_ARCH,
+    CLASSIFIER_ARCH,
+    AutoencoderExport,
+    ClassifierExport,
+    ConvAutoencoder,
+    make_classifier,
+)
+
+CANONICAL_SIZE = 900
+CLASSIFIER_SIZE = 224
+AUTOENCODER_SIZE = 256
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SMOOTHING_SIGMA = 2.0
+TOP_K_FRACTION = 0.001
+
+
+@dataclass
+class TrainOptions:
+    data: Path
+    out: Path
+    epochs: int = 30
+    ae_epochs: int = 30
+    seed: int = 0
+    batch_size: int = 16
+    target_false_reject: float = 0.01
+    name: str = "bundle"
+    threads: int = 0
+    lr: float = 1e-3
+    ae_lr: float = 2e-3
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> torch.Tensor:
+    """Top-down bottle views: any quarter turn and mirror are the same bottle."""
+    out = torch.empty_like(x)
+    ks = torch.randint(0, 4, (len(x),), generator=gen)
+    flips = torch.rand(len(x), generator=gen) < 0.5
+    for i in range(len(x)):
+        xi = torch.rot90(x[i], int(ks[i]), dims=(1, 2))
+        out[i] = torch.flip(xi, dims=(2,)) if flips[i] else xi
+    if photometric:
+        gain = 1.0 + (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
+        bias = (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
+        out = out * gain + bias
+    return out
+
+
+def _reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Recompute BN running statistics as an exact average over the training images.
+
+    With a few dozen images, running averages drifting under augmentation and a
+    changing learning rate make the eval-mode network predict one class for all.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+    model.eval()
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: TrainOptions) -> nn.Module:
+    torch.manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    model = make_classifier(n_classes)
+    counts = torch.bincount(y, minlength=n_classes).float().clamp(min=1)
+    # Inverse-frequency weights: good bottles outnumber each defect class.
+    weights = counts.sum() / (n_classes * counts)
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, -(-len(x) // opts.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=opts.epochs * steps_per_epoch)
+    for epoch in range(opts.epochs):
+        t0 = time.monotonic()
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total_loss = 0.0
+        correct = 0
+        for i in range(0, len(x), opts.batch_size):
+            idx = perm[i : i + opts.batch_size]
+            if len(idx) < 2:  # batch norm cannot train on a batch of one
+                continue
+            xb = _augment(x[idx], gen, photometric=True)
+            logits = model(xb)
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+        _say(f"classifier epoch {epoch + 1}/{opts.epochs}: loss {total_loss / len(x):.4f}, "
+             f"train accuracy {correct / len(x):.3f} ({time.monotonic() - t0:.1f} s)")
+    _reestimate_batchnorm(model, x, opts.batch_size)
+    return model
+
+
+def train_autoencoder(x: torch.Tensor, opts: TrainOptions) -> nn.Module:
+    torch.manual_seed(opts.seed + 1)
+    gen = torch.Generator().manual_seed(opts.seed + 1)
+    model = ConvAutoencoder()
+    opt = torch.optim.Adam(model.parameters(), lr=opts.ae_lr)
+    batch = min(8, len(x))
+    steps_per_epoch = max(1, -(-len(x) // batch))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.ae_lr, total_steps=opts.ae_epochs * steps_per_epoch)
+    for epoch in range(opts.ae_epochs):
+        t0 = time.monotonic()
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), batch):
+            xb = _augment(x[perm[i : i + batch]], gen, photometric=False)
+            loss = (model(xb) - xb).abs().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(xb)
+        _say(f"autoencoder epoch {epoch + 1}/{opts.ae_epochs}: L1 {total / len(x):.5f} "
+             f"({time.monotonic() - t0:.1f} s)")
+    model.eval()
+    return model
+
+
+def _frames(items: list[LabelledImage], root: Path) -> list[Frame]:
+    return [load_frame(i.path, n, root, "train", i.label) for n, i in enumerate(items)]
+
+
+def _split_record(split: Split, root: Path) -> dict[str, Any]:
+    def rows(items: list[LabelledImage]) -> list[dict[str, str]]:
+        return [{"path": i.path.relative_to(root).as_posix(), "label": i.label} for i in items]
+
+    return {
+        "root": str(root.resolve()),
+        "train": rows(split.train),
+        "holdout": rows(split.holdout),
+        "calibration": rows(split.calibration),
+    }
+
+
+def train_bundle(opts: TrainOptions) -> Manifest:
+    started = time.monotonic()
+    torch.set_num_threads(opts.threads or os.cpu_count() or 1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    classes = BOTTLE_CLASSES
+    root = opts.data
+    pool = discover(root, classes)
+    split = stratified_split(pool, classes, opts.seed)
+    spec = PreprocessSpec(
+        canonical_size=CANONICAL_SIZE,
+        classifier=InputSpec(CLASSIFIER_SIZE, IMAGENET_MEAN, IMAGENET_STD, "area"),
+        autoencoder=InputSpec(AUTOENCODER_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "area"),
+    )
+    _say(f"data {root}: {len(pool)} labelled images; train {len(split.train)}, holdout {len(split.holdout)}, "
+         f"autoencoder {len(split.autoencoder_train)} good, calibration {len(split.calibration)} good")
+    x_cls, _, y = tensors(split.train, spec, classes)
+    _, x_ae, _ = tensors(split.autoencoder_train, spec, classes)
+
+    t0 = time.monotonic()
+    classifier = train_classifier(x_cls, y, len(classes), opts)
+    t_cls = time.monotonic() - t0
+    t0 = time.monotonic()
+    autoencoder = train_autoencoder(x_ae, opts)
+    t_ae = time.monotonic() - t0
+
+    out = opts.out
+    tmp = out.parent / f".{out.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cls_export = ClassifierExport(classifier).eval()
+    ae_export = AutoencoderExport(autoencoder).eval()
+    export_onnx(cls_export, x_cls[:1], tmp / "classifier.onnx", "probabilities")
+    export_onnx(ae_export, x_ae[:1], tmp / "autoencoder.onnx", "error_map")
+    parity_cls = check_parity(cls_export, tmp / "classifier.onnx", "probabilities", x_cls[:4], atol=1e-4)
+    parity_ae = check_parity(ae_export, tmp / "autoencoder.onnx", "error_map", x_ae[:4], atol=1e-4)
+    _say(f"exported ONNX; max |torch − ONNX Runtime|: classifier {parity_cls:.1e}, autoencoder {parity_ae:.1e}")
+
+    version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    manifest = Manifest(
+        name=opts.name,
+        version=version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        classes=classes,
+        canonical_size=CANONICAL_SIZE,
+        inputs={
+            "classifier": InputManifest(size=CLASSIFIER_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+            "autoencoder": InputManifest(size=AUTOENCODER_SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+        },
+        models={
+            "classifier": ModelFile(file="classifier.onnx", arch=CLASSIFIER_ARCH, input=INPUT_NAME,
+                                    output="probabilities"),
+            "autoencoder": ModelFile(file="autoencoder.onnx", arch=AUTOENCODER_ARCH, input=INPUT_NAME,
+                                     output="error_map"),
+        },
+        anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
+                                threshold=float("inf"), threshold_method="uncalibrated"),
+        decision=DecisionManifest(class_confidence=0.5),
+        files=checksums(tmp, ["classifier.onnx", "autoencoder.onnx"]),
+    )
+    write_manifest(tmp, manifest)
+
+    # Calibrate with the serving code itself, on good images neither model trained on.
+    pipeline = Pipeline(load_bundle(tmp))
+    cal_scores = []
+    for frame in _frames(split.calibration, root):
+        verdict = pipeline.process(frame)
+        assert verdict.decision is not None, verdict.error
+        cal_scores.append(verdict.decision.anomaly_score)
+    quantile = 1.0 - opts.target_false_reject
+    threshold = float(np.quantile(cal_scores, quantile, method="higher"))
+    method = (f"quantile {quantile:g} (method 'higher') of the anomaly scores of {len(cal_scores)} held-out "
+              f"good images; target false-reject rate {opts.target_false_reject:g}")
+    (tmp / "calibration").mkdir()
+    (tmp / "calibration" / "anomaly_scores.json").write_text(json.dumps({
+        "good_scores": cal_scores, "threshold": threshold, "method": method,
+        "images": [i.path.relative_to(root).as_posix() for i in split.calibration],
+    }, indent=2), encoding="utf-8")
+    (tmp / "split.json").write_text(json.dumps(_split_record(split, root), indent=2), encoding="utf-8")
+
+    # Evaluate the held-out split through the serving pipeline at the chosen threshold.
+    pipeline = Pipeline(load_bundle(tmp), anomaly_threshold=threshold)
+    collector = ReplayCollector(classes)
+    for frame in _frames(split.holdout, root):
+        verdict = pipeline.process(frame)
+        collector(verdict, {})
+    holdout = collector.summary().get("labelled", {})
+    metrics = {
+        "holdout_images": holdout.get("n"),
+        "holdout_accuracy": holdout.get("accuracy"),
+        "holdout_recall": {k: v["recall"] for k, v in holdout.get("per_class", {}).items()},
+        "holdout_image_auroc": holdout.get("image_auroc"),
+        "holdout_defects_rejected": holdout.get("defects_rejected"),
+        "holdout_good_passed": holdout.get("good_passed"),
+        "onnx_parity_max_abs": {"classifier": parity_cls, "autoencoder": parity_ae},
+        "training_seconds": {"classifier": round(t_cls, 1), "autoencoder": round(t_ae, 1),
+                             "total": round(time.monotonic() - started, 1)},
+    }
+    manifest = manifest.model_copy(update={
+        "anomaly": AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
+                                   threshold=threshold, threshold_method=method,
+                                   calibration_scores="calibration/anomaly_scores.json"),
+        "training": {
+            "data_root": str(root.resolve()),
+            "data_fingerprint": fingerprint(root, pool),
+            "split": "split.json",
+            "counts": {c: sum(1 for i in split.train if i.label == c) for c in classes},
+            "seed": opts.seed,
+            "epochs": opts.epochs,
+            "ae_epochs": opts.ae_epochs,
+            "batch_size": opts.batch_size,
+            "lr": opts.lr,
+            "torch": torch.__version__,
+        },
+        "metrics": metrics,
+        "files": checksums(tmp, ["classifier.onnx", "autoencoder.onnx", "split.json",
+                                 "calibration/anomaly_scores.json"]),
+    })
+    write_manifest(tmp, manifest)
+    load_bundle(tmp)  # the bundle we hand over must load
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    _say(f"holdout: accuracy {metrics['holdout_accuracy']}, image AUROC {metrics['holdout_image_auroc']}, "
+         f"threshold {threshold:.5f}; total {metrics['training_seconds']['total']} s")
+    return manifest

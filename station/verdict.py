@@ -1,0 +1,96 @@
+"""The verdict message: schema ``station.verdict/1`` (contract with PLC/MES bridges).
+
+The JSON Schema lives in ``station/schemas/verdict-1.schema.json``; a test
+validates every published message against it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from station.decide import FAIL, REASON_ERROR, REASON_OVERLOAD, SKIPPED, Decision
+from station.frame import Frame
+from station.timefmt import iso_utc
+
+SCHEMA = "station.verdict/1"
+
+
+@dataclass
+class Verdict:
+    """Everything about one bottle's outcome except what the publisher stamps (seq, times)."""
+
+    frame: Frame
+    verdict: str
+    reasons: list[str]
+    model: dict[str, str]
+    decision: Decision | None = None
+    threshold: float | None = None
+    error: dict[str, str] | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str | None:
+        return self.decision.label if self.decision else None
+
+    def to_message(self, station: str, run_id: str, seq: int, published_at: float) -> dict[str, Any]:
+        d = self.decision
+        msg: dict[str, Any] = {
+            "schema": SCHEMA,
+            "station": station,
+            "run_id": run_id,
+            "seq": seq,
+            "frame_id": self.frame.frame_id,
+            "source": self.frame.source,
+            "captured_at": iso_utc(self.frame.captured_at),
+            "published_at": iso_utc(published_at),
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "class": None,
+            "anomaly": None,
+            "error": self.error,
+            "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
+            "model": self.model,
+            "truth": self.frame.label,
+        }
+        if d is not None:
+            msg["class"] = {
+                "label": d.label,
+                "confidence": round(d.confidence, 6),
+                "scores": {k: round(v, 6) for k, v in d.scores.items()},
+            }
+            msg["anomaly"] = {
+                "score": round(d.anomaly_score, 6),
+                "threshold": self.threshold,
+                "region": {
+                    "bbox": list(d.region.bbox) if d.region.bbox else None,
+                    "area_px": d.region.area_px,
+                    "area_fraction": round(d.region.area_fraction, 6),
+                },
+            }
+        return msg
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def error_verdict(frame: Frame, reason: str, detail: str, model: dict[str, str]) -> Verdict:
+    """A frame that could not be read or inspected: fail, with the generic and the specific cause."""
+    return Verdict(
+        frame=frame,
+        verdict=FAIL,
+        reasons=[REASON_ERROR, reason] if reason != REASON_ERROR else [REASON_ERROR],
+        model=model,
+        error={"reason": reason, "detail": detail},
+        latency_ms=dict(frame.latency_ms),
+    )
+
+
+def skipped_verdict(frame: Frame, model: dict[str, str]) -> Verdict:
+    """A frame inference could not keep up with: accounted for, explicitly not inspected."""
+    return Verdict(
+        frame=frame, verdict=SKIPPED, reasons=[REASON_OVERLOAD], model=model,
+        latency_ms=dict(frame.latency_ms),
+    )
