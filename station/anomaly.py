@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from station.preprocess import Mouth
+
 
 @dataclass(frozen=True)
 class AnomalyParams:
@@ -43,21 +45,29 @@ def image_score(smoothed: np.ndarray, params: AnomalyParams) -> float:
     return float(top.mean())
 
 
-def region(smoothed: np.ndarray, threshold: float, canonical_size: int) -> Region:
+def region(smoothed: np.ndarray, threshold: float, mouth: Mouth, radius_margin: float,
+           canonical_size: int) -> Region:
+    """Pixels of the polar map above ``threshold``, mapped back into the canonical view.
+
+    Polar rows are angles (row 0 at angle 0, as cv2.warpPolar lays them out),
+    columns radii out to ``radius_margin`` × the rim radius. Each bin's area is
+    its true area in the view (r·dr·dθ), so the reported area does not depend
+    on where on the bottle the defect sits.
+    """
     mask = smoothed > threshold
-    h, w = mask.shape
-    scale_x = canonical_size / w
-    scale_y = canonical_size / h
     count = int(mask.sum())
     if count == 0:
         return Region(None, 0, 0.0)
-    ys, xs = np.nonzero(mask)
-    x0, x1 = int(xs.min()), int(xs.max()) + 1
-    y0, y1 = int(ys.min()), int(ys.max()) + 1
-    bbox = (
-        round(x0 * scale_x),
-        round(y0 * scale_y),
-        round((x1 - x0) * scale_x),
-        round((y1 - y0) * scale_y),
-    )
-    return Region(bbox, round(count * scale_x * scale_y), count / mask.size)
+    angle_bins, radius_bins = mask.shape
+    rows, cols = np.nonzero(mask)
+    outer = mouth.radius * radius_margin
+    dr = outer / radius_bins
+    dtheta = 2 * np.pi / angle_bins
+    radius = (cols + 0.5) * dr
+    theta = (rows + 0.5) * dtheta
+    xs = np.clip(mouth.cx + radius * np.cos(theta), 0, canonical_size - 1)
+    ys = np.clip(mouth.cy + radius * np.sin(theta), 0, canonical_size - 1)
+    x0, x1 = int(np.floor(xs.min())), int(np.ceil(xs.max()))
+    y0, y1 = int(np.floor(ys.min())), int(np.ceil(ys.max()))
+    area = float((radius * dr * dtheta).sum())
+    return Region((x0, y0, max(1, x1 - x0), max(1, y1 - y0)), round(area), min(1.0, area / canonical_size**2))

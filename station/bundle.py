@@ -1,7 +1,7 @@
 """Model bundle: ``models/<name>/manifest.yaml`` plus the ONNX files it lists.
 
 The manifest is the contract between training and serving: classes, input
-sizes, normalisation, interpolation, the anomaly threshold and how it was
+view (polar unwrap), normalisation, interpolation, the anomaly threshold and how it was
 chosen, the training data's fingerprint, headline metrics and a checksum of
 every file. A bundle whose files do not match their checksums is refused.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from station.errors import BundleError
 from station.mvtec import GOOD
-from station.preprocess import InputSpec, PreprocessSpec
+from station.preprocess import Normalisation, PreprocessSpec
 from station.validation import describe_validation_error
 
 MANIFEST = "manifest.yaml"
@@ -28,20 +28,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ViewManifest(_Strict):
+    """The polar view both models see (see station/preprocess.py)."""
+
+    kind: Literal["polar"] = "polar"
+    angle_bins: int = Field(gt=0)
+    radius_bins: int = Field(gt=0)
+    radius_margin: float = Field(gt=1.0, le=2.0)
+    min_radius_fraction: float = Field(default=0.15, gt=0, lt=1)
+    max_radius_fraction: float = Field(default=0.6, gt=0, le=1)
+    #: how the canonical view is shrunk before the polar unwrap
+    interpolation: Literal["area"] = "area"
+
+
 class InputManifest(_Strict):
-    size: int = Field(gt=0)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: str = "area"
-
-    @field_validator("interpolation")
-    @classmethod
-    def _known_interpolation(cls, v: str) -> str:
-        from station.preprocess import INTERPOLATIONS
-
-        if v not in INTERPOLATIONS:
-            raise ValueError(f"must be one of {sorted(INTERPOLATIONS)}")
-        return v
 
     @field_validator("std")
     @classmethod
@@ -50,8 +52,8 @@ class InputManifest(_Strict):
             raise ValueError("every std must be > 0")
         return v
 
-    def spec(self) -> InputSpec:
-        return InputSpec(self.size, self.mean, self.std, self.interpolation)
+    def normalisation(self) -> Normalisation:
+        return Normalisation(self.mean, self.std)
 
 
 class ModelFile(_Strict):
@@ -80,6 +82,7 @@ class Manifest(_Strict):
     created_at: str
     classes: tuple[str, ...]
     canonical_size: int = Field(gt=0)
+    view: ViewManifest
     inputs: dict[str, InputManifest]
     models: dict[str, ModelFile]
     anomaly: AnomalyManifest
@@ -107,11 +110,21 @@ class Manifest(_Strict):
         return v
 
     def preprocess_spec(self) -> PreprocessSpec:
-        return PreprocessSpec(
-            canonical_size=self.canonical_size,
-            classifier=self.inputs["classifier"].spec(),
-            autoencoder=self.inputs["autoencoder"].spec(),
-        )
+        return preprocess_spec(self.canonical_size, self.view, self.inputs)
+
+
+def preprocess_spec(canonical_size: int, view: ViewManifest, inputs: dict[str, InputManifest]) -> PreprocessSpec:
+    """The preprocessing parameters a manifest records, as preprocess() takes them."""
+    return PreprocessSpec(
+        canonical_size=canonical_size,
+        angle_bins=view.angle_bins,
+        radius_bins=view.radius_bins,
+        radius_margin=view.radius_margin,
+        min_radius_fraction=view.min_radius_fraction,
+        max_radius_fraction=view.max_radius_fraction,
+        classifier=inputs["classifier"].normalisation(),
+        autoencoder=inputs["autoencoder"].normalisation(),
+    )
 
 
 def sha256_file(path: Path) -> str:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
     t.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
     t.add_argument("--epochs", type=_positive_int, default=30, help="classifier epochs")
-    t.add_argument("--ae-epochs", type=_positive_int, default=None, help="autoencoder epochs (default: --epochs)")
+    t.add_argument("--ae-steps", type=_positive_int, default=400, help="autoencoder training steps (batches of 8)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--target-false-reject", type=_positive_float, default=0.01,
@@ -125,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ) from exc
     options = TrainOptions(
         data=args.data, out=args.out, epochs=args.epochs,
-        ae_epochs=args.ae_epochs if args.ae_epochs is not None else args.epochs,
+        ae_steps=args.ae_steps,
         seed=args.seed, batch_size=args.batch_size, target_false_reject=args.target_false_reject,
         name=args.name or args.out.name, threads=args.threads,
     )

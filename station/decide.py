@@ -26,6 +26,7 @@ class Policy:
     class_confidence: float  # a defect class at or above this probability fails the bottle
     anomaly_threshold: float  # an anomaly score above this fails the bottle
     canonical_size: int
+    radius_margin: float  # of the polar view, to map anomaly regions back into the canonical view
 
 
 @dataclass
@@ -56,5 +57,6 @@ def decide(scores: Scores, policy: Policy) -> Decision:
         confidence=confidence,
         scores={c: float(p) for c, p in zip(policy.classes, probs, strict=True)},
         anomaly_score=scores.anomaly_score,
-        region=region(scores.anomaly_map, policy.anomaly_threshold, policy.canonical_size),
+        region=region(scores.anomaly_map, policy.anomaly_threshold, scores.mouth, policy.radius_margin,
+                      policy.canonical_size),
     )

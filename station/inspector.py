@@ -11,14 +11,15 @@ from station.anomaly import AnomalyParams, image_score, smooth
 from station.backends import ModelRunner, load_model
 from station.bundle import Bundle
 from station.errors import BackendError
-from station.preprocess import ModelInputs
+from station.preprocess import ModelInputs, Mouth
 
 
 @dataclass
 class Scores:
     probabilities: np.ndarray  # (n_classes,), sums to 1
     anomaly_score: float
-    anomaly_map: np.ndarray  # (h, w) smoothed error map at the autoencoder's resolution
+    anomaly_map: np.ndarray  # (angle_bins, radius_bins) smoothed error map of the polar view
+    mouth: Mouth
     latency_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -42,10 +43,10 @@ class Inspector:
     def warm_up(self, runs: int = 2) -> None:
         """Run both models on blank inputs so the first bottle does not pay for lazy init."""
         spec = self.preprocess_spec
-        c = np.zeros((1, 3, spec.classifier.size, spec.classifier.size), np.float32)
-        a = np.zeros((1, 3, spec.autoencoder.size, spec.autoencoder.size), np.float32)
+        blank = np.zeros((1, 3, spec.angle_bins, spec.radius_bins), np.float32)
+        mouth = Mouth(spec.canonical_size / 2, spec.canonical_size / 2, spec.canonical_size / 3)
         for _ in range(runs):
-            self.inspect(ModelInputs(c, a, (0, 0, spec.canonical_size)))
+            self.inspect(ModelInputs(blank, blank, mouth, (0, 0, spec.canonical_size)))
 
     def inspect(self, inputs: ModelInputs) -> Scores:
         t0 = time.perf_counter()
@@ -64,6 +65,7 @@ class Inspector:
             probabilities=probs[0].astype(np.float64),
             anomaly_score=score,
             anomaly_map=smoothed,
+            mouth=inputs.mouth,
             latency_ms={
                 "classifier": (t1 - t0) * 1e3,
                 "autoencoder": (t2 - t1) * 1e3,

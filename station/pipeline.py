@@ -32,6 +32,7 @@ class Pipeline:
             class_confidence=class_confidence if class_confidence is not None else m.decision.class_confidence,
             anomaly_threshold=anomaly_threshold if anomaly_threshold is not None else m.anomaly.threshold,
             canonical_size=m.canonical_size,
+            radius_margin=m.view.radius_margin,
         )
         self.model = {"name": m.name, "version": m.version}
 

@@ -3,16 +3,18 @@
 A mismatch between training and serving preprocessing is the most common
 silent failure of deployed vision models, so there is exactly one path from a
 decoded image to the tensors each model sees, and its parameters live in the
-bundle manifest.
+bundle manifest. The rules are documented in docs/preprocessing.md:
 
-Rules for images that are not 8-bit BGR (documented in docs/preprocessing.md):
-- grayscale → replicated to 3 channels; BGRA → alpha dropped;
-- 16-bit → scaled to 8 bit (value >> 8); float images are refused;
-- non-square → centre crop to the shorter side (the canonical view is square);
-- smaller than ``MIN_SIDE`` pixels → refused (``image_too_small``).
-The square crop stands for the canonical 900×900 view: each model's input is
-resized from it directly, which is what resizing the 900×900 view would give,
-with one resampling instead of two.
+1. Any decoded image → 8-bit BGR (gray replicated, alpha dropped, 16-bit
+   scaled; float refused); the canonical view is its centred square.
+2. Locate the bottle mouth: the outer rim circle (Otsu threshold of a
+   downscaled gray view, largest blob, its enclosing circle).
+3. Unwrap the mouth to polar coordinates around that centre, out to
+   ``radius_margin`` × the rim radius: rows are angles, columns radii. A
+   rotated bottle is then a circular shift of rows, a differently sized or
+   placed bottle the same picture, and rim chips and specks stay large
+   enough to see in a small tensor.
+4. Per model: RGB, scale to [0, 1], subtract mean, divide by std, NCHW.
 """
 
 from __future__ import annotations
@@ -25,38 +27,44 @@ import numpy as np
 from station.errors import FrameError
 
 MIN_SIDE = 64
-
-INTERPOLATIONS: dict[str, int] = {
-    "area": cv2.INTER_AREA,
-    "linear": cv2.INTER_LINEAR,
-    "cubic": cv2.INTER_CUBIC,
-    "nearest": cv2.INTER_NEAREST,
-}
+_LOCATE_SIDE = 225  # the gray view the mouth is located in (4× below canonical 900)
+NO_BOTTLE = "no_bottle_found"
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """How one model's input tensor is made from the canonical view."""
-
-    size: int
+class Normalisation:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    interpolation: str = "area"
 
 
 @dataclass(frozen=True)
 class PreprocessSpec:
     canonical_size: int
-    classifier: InputSpec
-    autoencoder: InputSpec
+    angle_bins: int  # polar rows
+    radius_bins: int  # polar columns, from the centre out to radius_margin × rim radius
+    radius_margin: float
+    min_radius_fraction: float  # a located rim radius outside these fractions of the square's
+    max_radius_fraction: float  # side is no bottle mouth: the frame fails with no_bottle_found
+    classifier: Normalisation
+    autoencoder: Normalisation
+
+
+@dataclass(frozen=True)
+class Mouth:
+    """The located rim circle in canonical-view pixels."""
+
+    cx: float
+    cy: float
+    radius: float
 
 
 @dataclass
 class ModelInputs:
-    """Float32 NCHW tensors (batch of one), RGB, normalised per the spec."""
+    """Float32 NCHW tensors (batch of one), RGB polar view, normalised per model."""
 
     classifier: np.ndarray
     autoencoder: np.ndarray
+    mouth: Mouth
     roi: tuple[int, int, int]  # x, y, side of the square crop in the source image
 
 
@@ -86,23 +94,78 @@ def square_roi(image: np.ndarray) -> tuple[int, int, int]:
     return (w - side) // 2, (h - side) // 2, side
 
 
-def model_input(roi_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
-    interp = INTERPOLATIONS[spec.interpolation]
-    resized = cv2.resize(roi_bgr, (spec.size, spec.size), interpolation=interp)
-    rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB).astype(np.float32)
+def canonical_view(image: np.ndarray, canonical_size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Decoded image → canonical square BGR view (canonical_size²) and the crop it came from."""
+    bgr = to_bgr8(image)
+    x, y, side = square_roi(bgr)
+    roi = bgr[y : y + side, x : x + side]
+    if side != canonical_size:
+        interp = cv2.INTER_AREA if side > canonical_size else cv2.INTER_LINEAR
+        roi = cv2.resize(roi, (canonical_size, canonical_size), interpolation=interp)
+    return roi, (x, y, side)
+
+
+def locate_mouth(view: np.ndarray, spec: PreprocessSpec) -> Mouth:
+    """The rim's enclosing circle: robust to a missing piece of rim and to specks inside."""
+    size = view.shape[0]
+    scale = size / _LOCATE_SIDE
+    small = cv2.resize(view, (_LOCATE_SIDE, _LOCATE_SIDE), interpolation=cv2.INTER_AREA)
+    gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+    _, mask = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        raise FrameError(NO_BOTTLE, "no bright bottle mouth against the background")
+    largest = max(contours, key=cv2.contourArea)
+    (cx, cy), r = cv2.minEnclosingCircle(largest)
+    radius = r * scale
+    lo, hi = spec.min_radius_fraction * size, spec.max_radius_fraction * size
+    if not lo <= radius <= hi:
+        raise FrameError(
+            NO_BOTTLE,
+            f"located rim radius {radius:.0f} px is outside the expected {lo:.0f}–{hi:.0f} px of the "
+            f"{size} px view",
+        )
+    return Mouth(cx * scale + (scale - 1) / 2, cy * scale + (scale - 1) / 2, radius)
+
+
+def polar_view(view: np.ndarray, mouth: Mouth, spec: PreprocessSpec) -> np.ndarray:
+    """(angle_bins, radius_bins, 3) BGR uint8 unwrapping of the mouth.
+
+    The view is first shrunk so one radius bin is about one pixel: resampling
+    with INTER_AREA there avoids the aliasing a direct polar warp of the full
+    image would give.
+    """
+    outer = mouth.radius * spec.radius_margin
+    f = spec.radius_bins / outer
+    size = view.shape[0]
+    small_side = max(1, round(size * f))
+    small = cv2.resize(view, (small_side, small_side), interpolation=cv2.INTER_AREA)
+    f_actual = small_side / size
+    centre = ((mouth.cx + 0.5) * f_actual - 0.5, (mouth.cy + 0.5) * f_actual - 0.5)
+    polar = cv2.warpPolar(
+        small, (spec.radius_bins, spec.angle_bins), centre, outer * f_actual,
+        cv2.INTER_LINEAR + cv2.WARP_FILL_OUTLIERS,
+    )
+    return np.asarray(polar)
+
+
+def normalise(polar_bgr: np.ndarray, norm: Normalisation) -> np.ndarray:
+    rgb = cv2.cvtColor(polar_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
     rgb *= 1.0 / 255.0
-    rgb -= np.asarray(spec.mean, dtype=np.float32)
-    rgb /= np.asarray(spec.std, dtype=np.float32)
+    rgb -= np.asarray(norm.mean, dtype=np.float32)
+    rgb /= np.asarray(norm.std, dtype=np.float32)
     return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
 
 
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> ModelInputs:
     """Decoded image (any supported format) → the input tensor of each model."""
-    bgr = to_bgr8(image)
-    x, y, side = square_roi(bgr)
-    roi = bgr[y : y + side, x : x + side]
+    view, roi = canonical_view(image, spec.canonical_size)
+    mouth = locate_mouth(view, spec)
+    polar = polar_view(view, mouth, spec)
     return ModelInputs(
-        classifier=model_input(roi, spec.classifier),
-        autoencoder=model_input(roi, spec.autoencoder),
-        roi=(x, y, side),
+        classifier=normalise(polar, spec.classifier),
+        autoencoder=normalise(polar, spec.autoencoder),
+        mouth=mouth,
+        roi=roi,
     )

@@ -169,14 +169,20 @@ def render_bottle(rng: np.random.Generator, defect: str | None, size: int = CANO
 
     mask: np.ndarray | None = None
     stain: np.ndarray | None = None
+    dark = True
     if defect == "broken_large":
         mask = _broken_mask(rng, r, theta, scene, (12.5, 30.0), (0.6, 1.15))
     elif defect == "broken_small":
         mask = _broken_mask(rng, r, theta, scene, (2.0, 6.0), (0.3, 0.6))
     elif defect == "contamination":
         mask = _contamination_mask(rng, scene, size)
-        colour = rng.uniform(0.02, 0.25, 3).astype(np.float32)
-        stain = colour * rng.uniform(0.7, 1.0)
+        # Foreign matter must contrast with what it lies on (a speck the eye
+        # cannot see is no defect to label): dark dirt mostly, sometimes a
+        # bright or coloured particle.
+        dark = rng.uniform() < 0.7
+        stain = (rng.uniform(0.1, 0.4) if dark else rng.uniform(0.25, 0.45)) * np.ones(3, np.float32)
+        if not dark:
+            stain *= rng.uniform(0.5, 1.0, 3).astype(np.float32)
 
     if mask is not None and defect != "contamination":
         alpha = np.where(mask, 0.0, alpha)
@@ -187,7 +193,7 @@ def render_bottle(rng: np.random.Generator, defect: str | None, size: int = CANO
 
     image = background[..., None] * (1 - alpha[..., None]) + (glass[..., None] * scene.tint) * alpha[..., None]
     if stain is not None and mask is not None:
-        image[mask] = stain * light[mask][:, None]
+        image[mask] = image[mask] * stain if dark else image[mask] + stain
 
     image = cv2.GaussianBlur(image.astype(np.float32), (0, 0), scene.blur_sigma)
     noise_rng = np.random.default_rng(scene.noise_seed)

@@ -47,7 +47,8 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def bundle(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
-    proc = run_station("train", "--data", str(synth_root), "--out", str(out), "--epochs", "2", "--seed", "1")
+    proc = run_station("train", "--data", str(synth_root), "--out", str(out), "--epochs", "2", "--ae-steps", "20",
+                       "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     return out
 

@@ -27,14 +27,15 @@ from station.bundle import (
     InputManifest,
     Manifest,
     ModelFile,
+    ViewManifest,
     checksums,
     load_bundle,
+    preprocess_spec,
     write_manifest,
 )
 from station.frame import Frame
 from station.mvtec import BOTTLE_CLASSES, LabelledImage
 from station.pipeline import Pipeline
-from station.preprocess import InputSpec, PreprocessSpec
 from station.replay import ReplayCollector
 from station.sources.folder import load_frame
 from station.training.data import Split, discover, fingerprint, stratified_split, tensors
@@ -45,16 +46,18 @@ from station.training.nets import (
     AutoencoderExport,
     ClassifierExport,
     ConvAutoencoder,
+    error_column_stats,
     make_classifier,
 )
 
 CANONICAL_SIZE = 900
-CLASSIFIER_SIZE = 224
-AUTOENCODER_SIZE = 256
+ANGLE_BINS = 512
+RADIUS_BINS = 128
+RADIUS_MARGIN = 1.08
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SMOOTHING_SIGMA = 2.0
-TOP_K_FRACTION = 0.001
+SMOOTHING_SIGMA = 1.0
+TOP_K_FRACTION = 0.002
 
 
 @dataclass
@@ -62,7 +65,7 @@ class TrainOptions:
     data: Path
     out: Path
     epochs: int = 30
-    ae_epochs: int = 30
+    ae_steps: int = 400
     seed: int = 0
     batch_size: int = 16
     target_false_reject: float = 0.01
@@ -77,13 +80,18 @@ def _say(msg: str) -> None:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> torch.Tensor:
-    """Top-down bottle views: any quarter turn and mirror are the same bottle."""
+    """A bottle turned by any angle, or mirrored, is the same bottle.
+
+    In the polar view (rows are angles) a turn is an exact circular shift of
+    rows and a mirror a flip of the row order: no interpolation, no borders.
+    """
     out = torch.empty_like(x)
-    ks = torch.randint(0, 4, (len(x),), generator=gen)
+    rows = x.shape[2]
+    shifts = torch.randint(0, rows, (len(x),), generator=gen)
     flips = torch.rand(len(x), generator=gen) < 0.5
     for i in range(len(x)):
-        xi = torch.rot90(x[i], int(ks[i]), dims=(1, 2))
-        out[i] = torch.flip(xi, dims=(2,)) if flips[i] else xi
+        xi = torch.roll(x[i], int(shifts[i]), dims=1)
+        out[i] = torch.flip(xi, dims=(1,)) if flips[i] else xi
     if photometric:
         gain = 1.0 + (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
         bias = (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
@@ -146,29 +154,31 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
     return model
 
 
-def train_autoencoder(x: torch.Tensor, opts: TrainOptions) -> nn.Module:
+def train_autoencoder(x: torch.Tensor, opts: TrainOptions) -> ConvAutoencoder:
+    """Train on good images for a fixed number of steps (a few dozen images make epochs meaningless)."""
     torch.manual_seed(opts.seed + 1)
     gen = torch.Generator().manual_seed(opts.seed + 1)
     model = ConvAutoencoder()
     opt = torch.optim.Adam(model.parameters(), lr=opts.ae_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=opts.ae_steps)
     batch = min(8, len(x))
-    steps_per_epoch = max(1, -(-len(x) // batch))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.ae_lr, total_steps=opts.ae_epochs * steps_per_epoch)
-    for epoch in range(opts.ae_epochs):
-        t0 = time.monotonic()
-        model.train()
-        perm = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for i in range(0, len(x), batch):
-            xb = _augment(x[perm[i : i + batch]], gen, photometric=False)
-            loss = (model(xb) - xb).abs().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(xb)
-        _say(f"autoencoder epoch {epoch + 1}/{opts.ae_epochs}: L1 {total / len(x):.5f} "
-             f"({time.monotonic() - t0:.1f} s)")
+    t0 = time.monotonic()
+    model.train()
+    running = 0.0
+    report_every = max(1, opts.ae_steps // 10)
+    for step in range(1, opts.ae_steps + 1):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        z = model.standardise(_augment(x[idx], gen, photometric=False))
+        loss = (model(z) - z).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.item()
+        if step % report_every == 0 or step == opts.ae_steps:
+            n = report_every if step % report_every == 0 else step % report_every
+            _say(f"autoencoder step {step}/{opts.ae_steps}: L1 {running / n:.4f} ({time.monotonic() - t0:.1f} s)")
+            running = 0.0
     model.eval()
     return model
 
@@ -197,11 +207,12 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     root = opts.data
     pool = discover(root, classes)
     split = stratified_split(pool, classes, opts.seed)
-    spec = PreprocessSpec(
-        canonical_size=CANONICAL_SIZE,
-        classifier=InputSpec(CLASSIFIER_SIZE, IMAGENET_MEAN, IMAGENET_STD, "area"),
-        autoencoder=InputSpec(AUTOENCODER_SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "area"),
-    )
+    view = ViewManifest(angle_bins=ANGLE_BINS, radius_bins=RADIUS_BINS, radius_margin=RADIUS_MARGIN)
+    inputs = {
+        "classifier": InputManifest(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        "autoencoder": InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+    }
+    spec = preprocess_spec(CANONICAL_SIZE, view, inputs)
     _say(f"data {root}: {len(pool)} labelled images; train {len(split.train)}, holdout {len(split.holdout)}, "
          f"autoencoder {len(split.autoencoder_train)} good, calibration {len(split.calibration)} good")
     x_cls, _, y = tensors(split.train, spec, classes)
@@ -220,11 +231,12 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     cls_export = ClassifierExport(classifier).eval()
-    ae_export = AutoencoderExport(autoencoder).eval()
+    col_mean, col_std = error_column_stats(autoencoder, x_ae)
+    ae_export = AutoencoderExport(autoencoder, col_mean, col_std).eval()
     export_onnx(cls_export, x_cls[:1], tmp / "classifier.onnx", "probabilities")
-    export_onnx(ae_export, x_ae[:1], tmp / "autoencoder.onnx", "error_map")
+    export_onnx(ae_export, x_ae[:1], tmp / "autoencoder.onnx", "anomaly_map")
     parity_cls = check_parity(cls_export, tmp / "classifier.onnx", "probabilities", x_cls[:4], atol=1e-4)
-    parity_ae = check_parity(ae_export, tmp / "autoencoder.onnx", "error_map", x_ae[:4], atol=1e-4)
+    parity_ae = check_parity(ae_export, tmp / "autoencoder.onnx", "anomaly_map", x_ae[:4], atol=1e-3)
     _say(f"exported ONNX; max |torch − ONNX Runtime|: classifier {parity_cls:.1e}, autoencoder {parity_ae:.1e}")
 
     version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -234,15 +246,13 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         classes=classes,
         canonical_size=CANONICAL_SIZE,
-        inputs={
-            "classifier": InputManifest(size=CLASSIFIER_SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-            "autoencoder": InputManifest(size=AUTOENCODER_SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
-        },
+        view=view,
+        inputs=inputs,
         models={
             "classifier": ModelFile(file="classifier.onnx", arch=CLASSIFIER_ARCH, input=INPUT_NAME,
                                     output="probabilities"),
             "autoencoder": ModelFile(file="autoencoder.onnx", arch=AUTOENCODER_ARCH, input=INPUT_NAME,
-                                     output="error_map"),
+                                     output="anomaly_map"),
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
                                 threshold=float("inf"), threshold_method="uncalibrated"),
@@ -298,7 +308,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
             "counts": {c: sum(1 for i in split.train if i.label == c) for c in classes},
             "seed": opts.seed,
             "epochs": opts.epochs,
-            "ae_epochs": opts.ae_epochs,
+            "ae_steps": opts.ae_steps,
             "batch_size": opts.batch_size,
             "lr": opts.lr,
             "torch": torch.__version__,
