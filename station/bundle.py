@@ -197,9 +197,9 @@ def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
     return Bundle(root, manifest)
 
 
-def write_manifest(root: Path, manifest: Manifest) -> Path:
-    """Write the manifest with checksums of every listed model and extra file."""
-    path = root / MANIFEST
+def write_manifest(root: Path, manifest: Manifest, name: str = MANIFEST) -> Path:
+    """Write the manifest (to ``name`` in ``root``; a temporary name lets callers replace atomically)."""
+    path = root / name
     data = manifest.model_dump(mode="json")
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path

@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--station-id", default="replay")
     r.add_argument("--threads", type=_positive_int, default=0, help="inference threads (0: ONNX Runtime default)")
 
+    e = sub.add_parser("evaluate", help="score a bundle on labelled images: metrics, plots, HTML report")
+    e.add_argument("--model", type=Path, required=True)
+    e.add_argument("--data", type=Path, default=None,
+                   help="labelled folder or MVTec category folder (default: the bundle's held-out split)")
+    e.add_argument("--report", type=Path, default=None, help="folder for metrics.json, plots and report.html")
+    e.add_argument("--threshold", type=float, default=None, help="anomaly threshold (default: the bundle's)")
+
+    k = sub.add_parser("calibrate", help="recalibrate a bundle's anomaly threshold on good images from the line")
+    k.add_argument("--model", type=Path, required=True)
+    k.add_argument("--good", type=Path, required=True, help="folder of good bottle images (recursive)")
+    k.add_argument("--target-false-reject", type=_positive_float, default=0.01,
+                   help="fraction of good bottles the threshold may reject (default 0.01)")
+
     c = sub.add_parser("subscribe", help="print one line per verdict from a station")
     c.add_argument("--connect", required=True, metavar="ENDPOINT")
     c.add_argument("--station-id", default=None, help="only this station (default: all)")
@@ -132,6 +145,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     manifest = train_bundle(options)
     print(f"wrote bundle {args.out} ({manifest.name} {manifest.version})")
     print(json.dumps(manifest.metrics, indent=2))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from station.bundle import load_bundle
+    from station.evaluate import folder_items, holdout_items, metrics, run_evaluation, write_report
+    from station.evaluation import format_confusion
+
+    bundle = load_bundle(args.model)
+    items = folder_items(args.data, bundle.manifest.classes) if args.data else holdout_items(bundle)
+    from station.pipeline import Pipeline
+
+    pipeline = Pipeline(bundle, anomaly_threshold=args.threshold)
+    result = run_evaluation(pipeline, items, keep_overlays=args.report is not None)
+    figures = metrics(result, pipeline)
+
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"{figures['images']} images; 4-class accuracy {fmt(figures['accuracy'])}; image AUROC "
+          f"{fmt(figures['image_auroc'])}; pixel AUROC {fmt(figures['pixel_auroc'])}")
+    print(f"at threshold {figures['threshold']:.4g}: defective rejected {fmt(figures['defects_rejected'])}, "
+          f"good passed {fmt(figures['good_passed'])}")
+    print("per class: " + ", ".join(
+        f"{k} P {fmt(v['precision'])} R {fmt(v['recall'])}" for k, v in figures["per_class"].items()))
+    print("image AUROC per defect: " + ", ".join(f"{k} {fmt(v)}" for k, v in figures["image_auroc_per_defect"].items()))
+    cm = figures["confusion_matrix"]
+    print(format_confusion(cm["rows_true_cols_predicted"], cm["classes"]))
+    if args.report:
+        try:
+            written = write_report(result, figures, args.report)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"the report's plots need matplotlib: pip install 'station[train]' ({exc})"
+            ) from exc
+        print(f"report: {written[-1]}")
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from station.bundle import load_bundle
+    from station.calibrate import recalibrate
+    from station.mvtec import list_images
+    from station.sources.folder import load_frame
+
+    bundle = load_bundle(args.model)
+    if not args.good.is_dir():
+        raise ConfigError(f"--good {args.good} does not exist or is not a folder")
+    paths = list_images(args.good)
+    if not paths:
+        raise ConfigError(f"--good {args.good} holds no images")
+    frames = [load_frame(p, n, args.good, "calibrate", None) for n, p in enumerate(paths)]
+    old = bundle.manifest.anomaly.threshold
+    threshold, method = recalibrate(bundle, frames, args.target_false_reject)
+    print(f"{args.model}: anomaly threshold {old:.5g} → {threshold:.5g} ({method})")
     return EXIT_OK
 
 
@@ -319,6 +387,8 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "replay": cmd_replay,
     "subscribe": cmd_subscribe,
+    "evaluate": cmd_evaluate,
+    "calibrate": cmd_calibrate,
     "run": cmd_run,
 }
 

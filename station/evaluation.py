@@ -17,29 +17,33 @@ def confusion_matrix(truth: Sequence[str], predicted: Sequence[str], classes: Se
     return cm
 
 
-def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float | None:
     """Area under the ROC curve (probability a positive outranks a negative; ties count half).
 
-    None when one of the two groups is empty, where AUROC is undefined.
+    Vectorised (Mann–Whitney U with average ranks), so millions of pixels are
+    fine. None when one of the two groups is empty, where AUROC is undefined.
     """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(positive, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(positive, dtype=bool).ravel()
     n_pos = int(y.sum())
-    n_neg = int((~y).sum())
+    n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    rank_sum = ranks[y].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    rank_sum = float(average_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def roc_curve(scores: Sequence[float], positive: Sequence[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False-positive rates, true-positive rates and the thresholds (score ≥ t is positive)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
+    tpr = np.array([(s[y] >= t).mean() if y.any() else 0.0 for t in thresholds])
+    fpr = np.array([(s[~y] >= t).mean() if (~y).any() else 0.0 for t in thresholds])
+    return fpr, tpr, thresholds
 
 
 def classification_report(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:

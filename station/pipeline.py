@@ -69,4 +69,5 @@ class Pipeline:
             decision=decision,
             threshold=self.policy.anomaly_threshold,
             latency_ms=latency,
+            scores=scores,
         )

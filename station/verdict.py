@@ -12,6 +12,7 @@ from typing import Any
 
 from station.decide import FAIL, REASON_ERROR, REASON_OVERLOAD, SKIPPED, Decision
 from station.frame import Frame
+from station.inspector import Scores
 from station.timefmt import iso_utc
 
 SCHEMA = "station.verdict/1"
@@ -29,6 +30,8 @@ class Verdict:
     threshold: float | None = None
     error: dict[str, str] | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
+    #: the raw scores (anomaly map included) for evaluation; never serialised
+    scores: Scores | None = None
 
     @property
     def label(self) -> str | None:

@@ -31,6 +31,8 @@ class ConvAutoencoder(nn.Module):
     constant picture.
     """
 
+    WRAP = 16  # rows; a multiple of the encoder's total stride (8)
+
     def __init__(self, pool: int = 2, latent: int = 32) -> None:
         super().__init__()
         self.pool = nn.AvgPool2d(pool) if pool > 1 else nn.Identity()
@@ -54,7 +56,12 @@ class ConvAutoencoder(nn.Module):
         return (x - mean) / std
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.decoder(self.encoder(z))
+        """Reconstruct ``z``. Rows are angles, so the first and last rows are neighbours:
+        the input is wrapped around by ``WRAP`` rows on both sides before the
+        convolutions, which would otherwise see a seam at angle 0 in every bottle."""
+        w = self.WRAP
+        padded = torch.cat([z[:, :, -w:], z, z[:, :, :w]], dim=2)
+        out: torch.Tensor = self.decoder(self.encoder(padded))[:, :, w:-w]
         return out
 
     def error_map(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +32,7 @@ from station.bundle import (
     preprocess_spec,
     write_manifest,
 )
+from station.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
 from station.frame import Frame
 from station.mvtec import BOTTLE_CLASSES, LabelledImage
 from station.pipeline import Pipeline
@@ -263,20 +263,9 @@ def train_bundle(opts: TrainOptions) -> Manifest:
 
     # Calibrate with the serving code itself, on good images neither model trained on.
     pipeline = Pipeline(load_bundle(tmp))
-    cal_scores = []
-    for frame in _frames(split.calibration, root):
-        verdict = pipeline.process(frame)
-        assert verdict.decision is not None, verdict.error
-        cal_scores.append(verdict.decision.anomaly_score)
-    quantile = 1.0 - opts.target_false_reject
-    threshold = float(np.quantile(cal_scores, quantile, method="higher"))
-    method = (f"quantile {quantile:g} (method 'higher') of the anomaly scores of {len(cal_scores)} held-out "
-              f"good images; target false-reject rate {opts.target_false_reject:g}")
-    (tmp / "calibration").mkdir()
-    (tmp / "calibration" / "anomaly_scores.json").write_text(json.dumps({
-        "good_scores": cal_scores, "threshold": threshold, "method": method,
-        "images": [i.path.relative_to(root).as_posix() for i in split.calibration],
-    }, indent=2), encoding="utf-8")
+    cal_scores = anomaly_scores(pipeline, _frames(split.calibration, root))
+    threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
+    write_scores(tmp, cal_scores, threshold, method, [i.path.relative_to(root).as_posix() for i in split.calibration])
     (tmp / "split.json").write_text(json.dumps(_split_record(split, root), indent=2), encoding="utf-8")
 
     # Evaluate the held-out split through the serving pipeline at the chosen threshold.
@@ -300,7 +289,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     manifest = manifest.model_copy(update={
         "anomaly": AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
                                    threshold=threshold, threshold_method=method,
-                                   calibration_scores="calibration/anomaly_scores.json"),
+                                   calibration_scores=SCORES_FILE),
         "training": {
             "data_root": str(root.resolve()),
             "data_fingerprint": fingerprint(root, pool),
@@ -315,7 +304,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         },
         "metrics": metrics,
         "files": checksums(tmp, ["classifier.onnx", "autoencoder.onnx", "split.json",
-                                 "calibration/anomaly_scores.json"]),
+                                 SCORES_FILE]),
     })
     write_manifest(tmp, manifest)
     load_bundle(tmp)  # the bundle we hand over must load
