@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-runs/demo}
 ENDPOINT=${ENDPOINT:-tcp://127.0.0.1:5556}
-EPOCHS=${EPOCHS:-30}
+EPOCHS=${EPOCHS:-60}
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[train]' 2> >(grep -v '^WARNING: Location' >&2)
@@ -14,8 +14,8 @@ S=.venv/bin/station
 mkdir -p "$WORK"
 
 echo "== 1/4 synthetic bottles: training set (seed 1) and an independent evaluation set (seed 2)"
-$S synth --out "$WORK/data" --seed 1 --train-good 60 --test-per-class 15
-$S synth --out "$WORK/eval" --seed 2 --train-good 0 --test-per-class 20
+$S synth --out "$WORK/data" --seed 1 --train-good 60 --test-per-class 20
+$S synth --out "$WORK/eval" --seed 2 --train-good 0 --test-per-class 30
 
 echo "== 2/4 training classifier + autoencoder on the CPU ($EPOCHS epochs), exporting ONNX, calibrating"
 start=$SECONDS

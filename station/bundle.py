@@ -59,7 +59,7 @@ class InputManifest(_Strict):
 class ModelFile(_Strict):
     file: str
     arch: str
-    input: str = "input"
+    inputs: tuple[str, ...] = ("input",)  # in the order the inspector feeds them
     output: str
 
 

@@ -58,12 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train classifier + autoencoder and write an ONNX model bundle")
     t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
     t.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
-    t.add_argument("--epochs", type=_positive_int, default=30, help="classifier epochs")
+    t.add_argument("--epochs", type=_positive_int, default=60, help="classifier epochs")
     t.add_argument("--ae-steps", type=_positive_int, default=400, help="autoencoder training steps (batches of 8)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--target-false-reject", type=_positive_float, default=0.01,
                    help="fraction of good bottles the anomaly threshold may reject (default 0.01)")
+    t.add_argument("--backbone", default="mobilenet_v3_small",
+                   choices=["mobilenet_v3_small", "resnet18", "efficientnet_b0"])
+    t.add_argument("--pretrained", type=Path, default=None,
+                   help="torchvision state-dict file for the backbone (never downloaded)")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="classifier learning rate")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "rmsprop", "sgd"])
+    t.add_argument("--balance", default="weighted", choices=["weighted", "sampler", "logit-adjust", "none"],
+                   help="class-imbalance handling (default: inverse-frequency loss weights)")
+    t.add_argument("--sweep", type=Path, default=None, metavar="FILE.yaml",
+                   help="train a grid of classifier settings and write OUT/sweep.md instead of a bundle")
     t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
     t.add_argument("--threads", type=_positive_int, default=0, help="torch CPU threads (0: all cores)")
 
@@ -140,8 +150,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, epochs=args.epochs,
         ae_steps=args.ae_steps,
         seed=args.seed, batch_size=args.batch_size, target_false_reject=args.target_false_reject,
-        name=args.name or args.out.name, threads=args.threads,
+        name=args.name or args.out.name, threads=args.threads, backbone=args.backbone,
+        pretrained=args.pretrained, lr=args.lr, optimizer=args.optimizer, balance=args.balance,
     )
+    if args.sweep:
+        from station.training.sweep import run_sweep
+
+        table = run_sweep(options, args.sweep)
+        print(table.read_text(encoding="utf-8"))
+        return EXIT_OK
     manifest = train_bundle(options)
     print(f"wrote bundle {args.out} ({manifest.name} {manifest.version})")
     print(json.dumps(manifest.metrics, indent=2))

@@ -32,13 +32,15 @@ class Inspector:
         self.params = AnomalyParams(m.anomaly.smoothing_sigma, m.anomaly.top_k_fraction)
         self.preprocess_spec = m.preprocess_spec()
         self.classifier: ModelRunner = load_model(
-            backend, bundle.model_path("classifier"), m.models["classifier"].input,
+            backend, bundle.model_path("classifier"), m.models["classifier"].inputs,
             m.models["classifier"].output, threads,
         )
         self.autoencoder: ModelRunner = load_model(
-            backend, bundle.model_path("autoencoder"), m.models["autoencoder"].input,
+            backend, bundle.model_path("autoencoder"), m.models["autoencoder"].inputs,
             m.models["autoencoder"].output, threads,
         )
+        # The classifier may take the anomaly map as evidence beside the image.
+        self._classifier_takes_map = len(m.models["classifier"].inputs) == 2
 
     def warm_up(self, runs: int = 2) -> None:
         """Run both models on blank inputs so the first bottle does not pay for lazy init."""
@@ -50,9 +52,12 @@ class Inspector:
 
     def inspect(self, inputs: ModelInputs) -> Scores:
         t0 = time.perf_counter()
-        probs = self.classifier.run(inputs.classifier)
-        t1 = time.perf_counter()
         error_map = self.autoencoder.run(inputs.autoencoder)
+        t1 = time.perf_counter()
+        if self._classifier_takes_map:
+            probs = self.classifier.run(inputs.classifier, error_map)
+        else:
+            probs = self.classifier.run(inputs.classifier)
         t2 = time.perf_counter()
         if probs.shape != (1, len(self.classes)):
             raise BackendError(
@@ -67,8 +72,8 @@ class Inspector:
             anomaly_map=smoothed,
             mouth=inputs.mouth,
             latency_ms={
-                "classifier": (t1 - t0) * 1e3,
-                "autoencoder": (t2 - t1) * 1e3,
+                "autoencoder": (t1 - t0) * 1e3,
+                "classifier": (t2 - t1) * 1e3,
                 "anomaly_map": (t3 - t2) * 1e3,
             },
         )

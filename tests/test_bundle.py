@@ -61,3 +61,12 @@ def test_trained_bundle_is_complete(bundle: Path) -> None:
     for rel in manifest["files"]:
         assert (bundle / rel).is_file()
     assert manifest["metrics"]["onnx_parity_max_abs"]["classifier"] < 1e-4
+
+
+def test_bundle_without_calibration_scores_is_refused(bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "bundle"
+    shutil.copytree(bundle, broken)
+    (broken / "calibration" / "anomaly_scores.json").unlink()
+    proc = run_station("replay", "--model", str(broken), "--source", str(eval_root))
+    assert proc.returncode == 2
+    assert "anomaly_scores.json" in proc.stderr and "missing" in proc.stderr

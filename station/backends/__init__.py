@@ -13,16 +13,17 @@ BACKENDS = ("onnxruntime",)
 
 
 class ModelRunner(Protocol):
-    """One loaded model: a float32 NCHW batch in, its single output out."""
+    """One loaded model: float32 NCHW batches in (in its declared input order), its single output out."""
 
     name: str
 
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
+    def run(self, *batches: np.ndarray) -> np.ndarray: ...
 
 
-def load_model(backend: str, path: Path, input_name: str, output_name: str, threads: int = 0) -> ModelRunner:
+def load_model(backend: str, path: Path, input_names: tuple[str, ...], output_name: str,
+               threads: int = 0) -> ModelRunner:
     if backend == "onnxruntime":
         from station.backends.onnxruntime import OnnxRuntimeModel
 
-        return OnnxRuntimeModel(path, input_name, output_name, threads=threads)
+        return OnnxRuntimeModel(path, input_names, output_name, threads=threads)
     raise ConfigError(f"backend: unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

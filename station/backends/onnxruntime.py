@@ -11,7 +11,7 @@ from station.errors import BackendError, BundleError
 
 
 class OnnxRuntimeModel:
-    def __init__(self, path: Path, input_name: str, output_name: str, threads: int = 0) -> None:
+    def __init__(self, path: Path, input_names: tuple[str, ...], output_name: str, threads: int = 0) -> None:
         self.name = path.name
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -24,17 +24,16 @@ class OnnxRuntimeModel:
             raise BundleError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name for o in self._session.get_outputs()}
-        if input_name not in inputs:
-            raise BundleError(f"{path}: has no input {input_name!r} (inputs: {sorted(inputs)})")
+        if set(input_names) != set(inputs):
+            raise BundleError(f"{path}: inputs are {sorted(inputs)}, the manifest says {sorted(input_names)}")
         if output_name not in outputs:
             raise BundleError(f"{path}: has no output {output_name!r} (outputs: {sorted(outputs)})")
-        self._input = input_name
+        self._inputs = input_names
         self._output = output_name
-        self.input_shape = tuple(inputs[input_name].shape)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, *batches: np.ndarray) -> np.ndarray:
         try:
-            (out,) = self._session.run([self._output], {self._input: batch})
+            (out,) = self._session.run([self._output], dict(zip(self._inputs, batches, strict=True)))
         except Exception as exc:
             raise BackendError(f"{self.name}: inference failed: {exc}") from exc
         return np.asarray(out)

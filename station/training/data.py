@@ -15,6 +15,7 @@ from station.mvtec import GOOD, LabelledImage, labelled_pool
 from station.preprocess import ModelInputs, PreprocessSpec, preprocess
 
 HOLDOUT_FRACTION = 0.2
+VALIDATION_FRACTION = 0.15
 
 
 @dataclass
@@ -23,6 +24,13 @@ class Split:
     holdout: list[LabelledImage]
     #: good images of the training split kept away from the autoencoder, for the threshold
     calibration: list[LabelledImage]
+    #: images of the training split kept away from the classifier, to choose its best epoch
+    validation: list[LabelledImage]
+
+    @property
+    def classifier_train(self) -> list[LabelledImage]:
+        val = {i.path for i in self.validation}
+        return [i for i in self.train if i.path not in val]
 
     @property
     def autoencoder_train(self) -> list[LabelledImage]:
@@ -46,7 +54,13 @@ def stratified_split(pool: list[LabelledImage], classes: tuple[str, ...], seed: 
     order = rng.permutation(len(goods))
     n_cal = max(2, round(len(goods) * HOLDOUT_FRACTION))
     calibration = [goods[k] for k in order[:n_cal]]
-    return Split(train, holdout, calibration)
+    validation: list[LabelledImage] = []
+    for cls in classes:
+        items = [i for i in train if i.label == cls]
+        if len(items) >= 4:
+            order = rng.permutation(len(items))
+            validation += [items[k] for k in order[: max(1, round(len(items) * VALIDATION_FRACTION))]]
+    return Split(train, holdout, calibration, validation)
 
 
 def discover(bottle_dir: Path, classes: tuple[str, ...]) -> list[LabelledImage]:
@@ -60,9 +74,10 @@ def discover(bottle_dir: Path, classes: tuple[str, ...]) -> list[LabelledImage]:
             f"{bottle_dir}: need at least 2 images of each class in MVTec layout "
             f"(train/good, test/<class>); too few for: {', '.join(missing)} (found {counts})"
         )
-    good_train = sum(1 for i in pool if i.label == GOOD and "train" in i.path.relative_to(bottle_dir).parts[:1])
-    if good_train < 4:
-        raise DatasetError(f"{bottle_dir}/train/good: need at least 4 good images, found {good_train}")
+    goods = counts.get(GOOD, 0)
+    if goods < 8:
+        raise DatasetError(f"{bottle_dir}: need at least 8 good images (train/good and test/good together) "
+                           f"to train the autoencoder and calibrate its threshold, found {goods}")
     return pool
 
 

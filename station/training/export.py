@@ -20,32 +20,36 @@ class ParityError(StationError):
     """The exported ONNX model does not reproduce the torch model."""
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, output_name: str) -> None:
+def export_onnx(module: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, input_names: tuple[str, ...],
+                output_name: str) -> None:
     module.eval()
+    axes = {name: {0: "batch"} for name in (*input_names, output_name)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             module,
-            (example,),
+            examples,
             str(path),
             dynamo=False,
-            input_names=[INPUT_NAME],
+            input_names=list(input_names),
             output_names=[output_name],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, output_name: {0: "batch"}},
+            dynamic_axes=axes,
             opset_version=OPSET,
             do_constant_folding=True,
         )
 
 
-def check_parity(module: nn.Module, path: Path, output_name: str, batch: torch.Tensor, atol: float) -> float:
-    """Max |torch − ONNX Runtime| over ``batch``, one image at a time as the station runs it."""
+def check_parity(module: nn.Module, path: Path, input_names: tuple[str, ...], output_name: str,
+                 batches: tuple[torch.Tensor, ...], atol: float) -> float:
+    """Max |torch − ONNX Runtime| over the batches, one image at a time as the station runs it."""
     module.eval()
-    runner = OnnxRuntimeModel(path, INPUT_NAME, output_name)
+    runner = OnnxRuntimeModel(path, input_names, output_name)
     worst = 0.0
     with torch.no_grad():
-        for x in batch:
-            ref = module(x[None]).numpy()
-            got = runner.run(x[None].numpy())
+        for i in range(len(batches[0])):
+            args = tuple(b[i : i + 1] for b in batches)
+            ref = module(*args).numpy()
+            got = runner.run(*(a.numpy() for a in args))
             worst = max(worst, float(np.abs(ref - got).max()))
     if worst > atol:
         raise ParityError(f"{path}: ONNX Runtime output differs from torch by {worst:.2e} (> {atol:.0e})")

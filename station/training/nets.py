@@ -2,17 +2,86 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision import models
 
-CLASSIFIER_ARCH = "mobilenet_v3_small"
+from station.errors import DatasetError
+
+BACKBONES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
 AUTOENCODER_ARCH = "polar_conv_ae3"
+#: the classifier sees the RGB polar view and the autoencoder's anomaly map as a 4th channel
+CLASSIFIER_CHANNELS = 4
 
 
-def make_classifier(num_classes: int) -> nn.Module:
-    net: nn.Module = models.mobilenet_v3_small(weights=None, num_classes=num_classes)
+class PretrainedWeightsError(DatasetError):
+    """A --pretrained file that is missing or does not fit the chosen backbone."""
+
+
+def _first_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    if isinstance(net, models.ResNet):
+        return net, "conv1", net.conv1
+    features: Any = net.features  # MobileNetV3, EfficientNet: stem is a Conv2dNormActivation
+    stem: Any = features[0]
+    conv = stem[0]
+    assert isinstance(conv, nn.Conv2d)
+    return stem, "0", conv
+
+
+def _replace_head(net: nn.Module, num_classes: int) -> None:
+    if isinstance(net, models.ResNet):
+        net.fc = nn.Linear(net.fc.in_features, num_classes)
+        return
+    head: Any = net.classifier
+    last = head[-1]
+    assert isinstance(last, nn.Linear)
+    head[-1] = nn.Linear(last.in_features, num_classes)
+
+
+def make_classifier(arch: str, num_classes: int, in_channels: int = CLASSIFIER_CHANNELS,
+                    pretrained: Path | None = None) -> nn.Module:
+    """A torchvision backbone with ``in_channels`` inputs and ``num_classes`` outputs.
+
+    ``pretrained`` is a torchvision state-dict file the user provides (nothing
+    is downloaded); its first convolution's RGB weights are kept and the extra
+    channel starts at zero, so the pretrained features are intact at step 0.
+    """
+    if arch not in BACKBONES:
+        raise DatasetError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
+    net: nn.Module = getattr(models, arch)(weights=None)
+    if pretrained is not None:
+        if not pretrained.is_file():
+            raise PretrainedWeightsError(f"pretrained weights {pretrained} do not exist")
+        try:
+            state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            net.load_state_dict(state)
+        except Exception as exc:  # unpickling and shape errors come in many types
+            raise PretrainedWeightsError(
+                f"pretrained weights {pretrained} do not fit torchvision's {arch}: {str(exc)[:300]}"
+            ) from exc
+    _replace_head(net, num_classes)
+    parent, name, conv = _first_conv(net)
+    if in_channels != conv.in_channels:
+        wider = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
+                          conv.padding, conv.dilation, conv.groups, conv.bias is not None)  # type: ignore[arg-type]
+        with torch.no_grad():
+            wider.weight.zero_()
+            wider.weight[:, : conv.in_channels] = conv.weight
+            if conv.bias is not None and wider.bias is not None:
+                wider.bias.copy_(conv.bias)
+        setattr(parent, name, wider)
     return net
+
+
+def evidence(anomaly_map: torch.Tensor, pool: int) -> torch.Tensor:
+    """The anomaly map as a classifier input channel: full polar resolution, clipped and scaled."""
+    up = torch.nn.functional.interpolate(anomaly_map, scale_factor=float(pool), mode="nearest")
+    return torch.clamp(up, 0.0, 50.0) / 10.0
 
 
 def _act() -> nn.Module:
@@ -72,14 +141,15 @@ class ConvAutoencoder(nn.Module):
 
 
 class ClassifierExport(nn.Module):
-    """Exported classifier: outputs class probabilities, so every backend agrees on softmax."""
+    """Exported classifier: (image, anomaly map) → class probabilities (softmax in the graph)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, pool: int) -> None:
         super().__init__()
         self.net = net
+        self.pool = pool
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x), dim=1)
+    def forward(self, x: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(torch.cat([x, evidence(anomaly_map, self.pool)], dim=1)), dim=1)
 
 
 class AutoencoderExport(nn.Module):

@@ -33,6 +33,7 @@ from station.bundle import (
     write_manifest,
 )
 from station.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
+from station.errors import DatasetError
 from station.frame import Frame
 from station.mvtec import BOTTLE_CLASSES, LabelledImage
 from station.pipeline import Pipeline
@@ -42,11 +43,11 @@ from station.training.data import Split, discover, fingerprint, stratified_split
 from station.training.export import INPUT_NAME, check_parity, export_onnx
 from station.training.nets import (
     AUTOENCODER_ARCH,
-    CLASSIFIER_ARCH,
     AutoencoderExport,
     ClassifierExport,
     ConvAutoencoder,
     error_column_stats,
+    evidence,
     make_classifier,
 )
 
@@ -58,13 +59,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMOOTHING_SIGMA = 1.0
 TOP_K_FRACTION = 0.002
+BALANCE_MODES = ("weighted", "sampler", "logit-adjust", "none")
+AE_POOL = 2
 
 
 @dataclass
 class TrainOptions:
     data: Path
     out: Path
-    epochs: int = 30
+    epochs: int = 60
     ae_steps: int = 400
     seed: int = 0
     batch_size: int = 16
@@ -73,6 +76,13 @@ class TrainOptions:
     threads: int = 0
     lr: float = 1e-3
     ae_lr: float = 2e-3
+    backbone: str = "mobilenet_v3_small"
+    pretrained: Path | None = None
+    optimizer: str = "adamw"  # adamw | adam | rmsprop | sgd
+    #: class imbalance: "weighted" (inverse-frequency loss weights), "sampler" (class-balanced
+    #: batches), "logit-adjust" (Menon et al. 2021: log class priors added to the logits
+    #: during training), "none"
+    balance: str = "weighted"
 
 
 def _say(msg: str) -> None:
@@ -92,10 +102,12 @@ def _augment(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> torch.
     for i in range(len(x)):
         xi = torch.roll(x[i], int(shifts[i]), dims=1)
         out[i] = torch.flip(xi, dims=(1,)) if flips[i] else xi
-    if photometric:
+    if photometric:  # brightness, contrast and colour of the RGB channels, then sensor noise
         gain = 1.0 + (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
+        colour = 1.0 + (torch.rand(len(x), 3, 1, 1, generator=gen) - 0.5) * 0.2
         bias = (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
-        out = out * gain + bias
+        noise = torch.randn(out[:, :3].shape, generator=gen) * 0.05
+        out[:, :3] = out[:, :3] * gain * colour + bias + noise
     return out
 
 
@@ -118,40 +130,93 @@ def _reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) ->
     model.eval()
 
 
-def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: TrainOptions) -> nn.Module:
+def _optimizer(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    raise DatasetError(f"unknown optimiser {name!r}; choose adamw, adam, rmsprop or sgd")
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y).item()
+        accuracy = (logits.argmax(1) == y).float().mean().item()
+    return loss, accuracy
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: TrainOptions,
+                     x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None) -> tuple[
+    nn.Module, dict[str, Any]
+]:
+    """Train; keep the epoch with the best validation accuracy (then loss), BN statistics re-estimated."""
+    if opts.balance not in BALANCE_MODES:
+        raise DatasetError(f"unknown balance mode {opts.balance!r}; choose {', '.join(BALANCE_MODES)}")
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
-    model = make_classifier(n_classes)
+    model = make_classifier(opts.backbone, n_classes, pretrained=opts.pretrained)
     counts = torch.bincount(y, minlength=n_classes).float().clamp(min=1)
-    # Inverse-frequency weights: good bottles outnumber each defect class.
-    weights = counts.sum() / (n_classes * counts)
+    prior = counts / counts.sum()
+    weights = counts.sum() / (n_classes * counts) if opts.balance == "weighted" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4)
+    logit_bias = torch.log(prior) if opts.balance == "logit-adjust" else None
+    # Class-balanced sampling draws each image with probability ∝ 1 / its class's count.
+    sample_p = (1.0 / counts)[y] if opts.balance == "sampler" else None
+    opt = _optimizer(opts.optimizer, model.parameters(), opts.lr)
     steps_per_epoch = max(1, -(-len(x) // opts.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=opts.epochs * steps_per_epoch)
+    best: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    history: dict[str, Any] = {"best_epoch": None, "best_val_accuracy": None, "best_val_loss": None}
     for epoch in range(opts.epochs):
         t0 = time.monotonic()
         model.train()
-        perm = torch.randperm(len(x), generator=gen)
+        if sample_p is not None:
+            perm = torch.multinomial(sample_p, len(x), replacement=True, generator=gen)
+        else:
+            perm = torch.randperm(len(x), generator=gen)
         total_loss = 0.0
         correct = 0
+        seen = 0
         for i in range(0, len(x), opts.batch_size):
             idx = perm[i : i + opts.batch_size]
             if len(idx) < 2:  # batch norm cannot train on a batch of one
                 continue
-            xb = _augment(x[idx], gen, photometric=True)
-            logits = model(xb)
-            loss = loss_fn(logits, y[idx])
+            logits = model(_augment(x[idx], gen, photometric=True))
+            train_logits = logits + logit_bias if logit_bias is not None else logits
+            loss = loss_fn(train_logits, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y[idx]).sum())
-        _say(f"classifier epoch {epoch + 1}/{opts.epochs}: loss {total_loss / len(x):.4f}, "
-             f"train accuracy {correct / len(x):.3f} ({time.monotonic() - t0:.1f} s)")
-    _reestimate_batchnorm(model, x, opts.batch_size)
-    return model
+            seen += len(idx)
+        msg = (f"classifier epoch {epoch + 1}/{opts.epochs}: loss {total_loss / max(seen, 1):.4f}, "
+               f"train accuracy {correct / max(seen, 1):.3f}")
+        if x_val is not None and y_val is not None and len(x_val):
+            _reestimate_batchnorm(model, x, opts.batch_size)
+            val_loss, val_acc = _evaluate(model, x_val, y_val)
+            msg += f", validation accuracy {val_acc:.3f} loss {val_loss:.4f}"
+            if best is None or (val_acc, -val_loss) > best:
+                best = (val_acc, -val_loss)
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                history.update(best_epoch=epoch + 1, best_val_accuracy=val_acc, best_val_loss=val_loss)
+        _say(f"{msg} ({time.monotonic() - t0:.1f} s)")
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        _say(f"classifier: keeping epoch {history['best_epoch']} (validation accuracy "
+             f"{history['best_val_accuracy']:.3f})")
+    else:
+        _reestimate_batchnorm(model, x, opts.batch_size)
+    model.eval()
+    return model, history
 
 
 def train_autoencoder(x: torch.Tensor, opts: TrainOptions) -> ConvAutoencoder:
@@ -196,11 +261,38 @@ def _split_record(split: Split, root: Path) -> dict[str, Any]:
         "train": rows(split.train),
         "holdout": rows(split.holdout),
         "calibration": rows(split.calibration),
+        "validation": rows(split.validation),
     }
 
 
-def train_bundle(opts: TrainOptions) -> Manifest:
-    started = time.monotonic()
+@dataclass
+class Prepared:
+    """Data, split and the trained autoencoder: everything the classifier's training needs."""
+
+    root: Path
+    pool: list[LabelledImage]
+    split: Split
+    view: ViewManifest
+    inputs: dict[str, InputManifest]
+    x_rgb: torch.Tensor  # classifier-train then validation images, RGB polar views
+    x_ae: torch.Tensor  # the autoencoder's good training images
+    y: torch.Tensor
+    n_train: int  # the first n_train rows train the classifier, the rest validate it
+    maps: torch.Tensor  # anomaly maps of x_rgb's images
+    x_cls: torch.Tensor  # x_rgb with the anomaly map as 4th channel
+    ae_export: AutoencoderExport
+    ae_seconds: float
+
+    def holdout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier inputs (with evidence) and labels of the held-out split."""
+        spec = preprocess_spec(CANONICAL_SIZE, self.view, self.inputs)
+        x_rgb, x_ae, y = tensors(self.split.holdout, spec, BOTTLE_CLASSES)
+        with torch.no_grad():
+            maps = self.ae_export(x_ae)
+        return torch.cat([x_rgb, evidence(maps, AE_POOL)], dim=1), y
+
+
+def prepare(opts: TrainOptions) -> Prepared:
     torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True, warn_only=True)
     classes = BOTTLE_CLASSES
@@ -213,30 +305,52 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         "autoencoder": InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
     }
     spec = preprocess_spec(CANONICAL_SIZE, view, inputs)
-    _say(f"data {root}: {len(pool)} labelled images; train {len(split.train)}, holdout {len(split.holdout)}, "
+    _say(f"data {root}: {len(pool)} labelled images; train {len(split.train)} (classifier "
+         f"{len(split.classifier_train)}, validation {len(split.validation)}), holdout {len(split.holdout)}; "
          f"autoencoder {len(split.autoencoder_train)} good, calibration {len(split.calibration)} good")
-    x_cls, _, y = tensors(split.train, spec, classes)
-    _, x_ae, _ = tensors(split.autoencoder_train, spec, classes)
+    cls_items = split.classifier_train
+    x_rgb, x_ae_all, y = tensors(cls_items + split.validation, spec, classes)
+    paths = [i.path for i in cls_items + split.validation]
+    x_ae = x_ae_all[torch.tensor([paths.index(i.path) for i in split.autoencoder_train])]
 
-    t0 = time.monotonic()
-    classifier = train_classifier(x_cls, y, len(classes), opts)
-    t_cls = time.monotonic() - t0
+    # The autoencoder first: its anomaly map is evidence the classifier sees.
     t0 = time.monotonic()
     autoencoder = train_autoencoder(x_ae, opts)
-    t_ae = time.monotonic() - t0
+    col_mean, col_std = error_column_stats(autoencoder, x_ae)
+    ae_export = AutoencoderExport(autoencoder, col_mean, col_std).eval()
+    ae_seconds = time.monotonic() - t0
+    with torch.no_grad():
+        maps = torch.cat([ae_export(x_ae_all[i : i + 16]) for i in range(0, len(x_ae_all), 16)])
+    x_cls = torch.cat([x_rgb, evidence(maps, AE_POOL)], dim=1)
+    return Prepared(root, pool, split, view, inputs, x_rgb, x_ae, y, len(cls_items), maps, x_cls, ae_export,
+                    ae_seconds)
+
+
+def train_bundle(opts: TrainOptions) -> Manifest:
+    started = time.monotonic()
+    classes = BOTTLE_CLASSES
+    p = prepare(opts)
+    root, pool, split, view, inputs = p.root, p.pool, p.split, p.view, p.inputs
+    x_rgb, x_ae, maps, x_cls, y, n = p.x_rgb, p.x_ae, p.maps, p.x_cls, p.y, p.n_train
+    ae_export, t_ae = p.ae_export, p.ae_seconds
+
+    t0 = time.monotonic()
+    classifier, history = train_classifier(x_cls[:n], y[:n], len(classes), opts, x_cls[n:], y[n:])
+    t_cls = time.monotonic() - t0
 
     out = opts.out
     tmp = out.parent / f".{out.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    cls_export = ClassifierExport(classifier).eval()
-    col_mean, col_std = error_column_stats(autoencoder, x_ae)
-    ae_export = AutoencoderExport(autoencoder, col_mean, col_std).eval()
-    export_onnx(cls_export, x_cls[:1], tmp / "classifier.onnx", "probabilities")
-    export_onnx(ae_export, x_ae[:1], tmp / "autoencoder.onnx", "anomaly_map")
-    parity_cls = check_parity(cls_export, tmp / "classifier.onnx", "probabilities", x_cls[:4], atol=1e-4)
-    parity_ae = check_parity(ae_export, tmp / "autoencoder.onnx", "anomaly_map", x_ae[:4], atol=1e-3)
+    cls_export = ClassifierExport(classifier, AE_POOL).eval()
+    cls_inputs = (INPUT_NAME, "anomaly_map")
+    export_onnx(cls_export, (x_rgb[:1], maps[:1]), tmp / "classifier.onnx", cls_inputs, "probabilities")
+    export_onnx(ae_export, (x_ae[:1],), tmp / "autoencoder.onnx", (INPUT_NAME,), "anomaly_map")
+    parity_cls = check_parity(cls_export, tmp / "classifier.onnx", cls_inputs, "probabilities",
+                              (x_rgb[:4], maps[:4]), atol=1e-4)
+    parity_ae = check_parity(ae_export, tmp / "autoencoder.onnx", (INPUT_NAME,), "anomaly_map", (x_ae[:4],),
+                             atol=1e-3)
     _say(f"exported ONNX; max |torch − ONNX Runtime|: classifier {parity_cls:.1e}, autoencoder {parity_ae:.1e}")
 
     version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -249,9 +363,9 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         view=view,
         inputs=inputs,
         models={
-            "classifier": ModelFile(file="classifier.onnx", arch=CLASSIFIER_ARCH, input=INPUT_NAME,
+            "classifier": ModelFile(file="classifier.onnx", arch=opts.backbone, inputs=cls_inputs,
                                     output="probabilities"),
-            "autoencoder": ModelFile(file="autoencoder.onnx", arch=AUTOENCODER_ARCH, input=INPUT_NAME,
+            "autoencoder": ModelFile(file="autoencoder.onnx", arch=AUTOENCODER_ARCH, inputs=(INPUT_NAME,),
                                      output="anomaly_map"),
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
@@ -277,6 +391,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     holdout = collector.summary().get("labelled", {})
     metrics = {
         "holdout_images": holdout.get("n"),
+        "validation_accuracy": history.get("best_val_accuracy"),
         "holdout_accuracy": holdout.get("accuracy"),
         "holdout_recall": {k: v["recall"] for k, v in holdout.get("per_class", {}).items()},
         "holdout_image_auroc": holdout.get("image_auroc"),
@@ -300,6 +415,11 @@ def train_bundle(opts: TrainOptions) -> Manifest:
             "ae_steps": opts.ae_steps,
             "batch_size": opts.batch_size,
             "lr": opts.lr,
+            "optimizer": opts.optimizer,
+            "backbone": opts.backbone,
+            "pretrained": str(opts.pretrained) if opts.pretrained else None,
+            "balance": opts.balance,
+            "classifier_selection": history,
             "torch": torch.__version__,
         },
         "metrics": metrics,
