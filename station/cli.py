@@ -359,43 +359,62 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _build_pipeline(config: Any) -> Any:
+    from station.bundle import load_bundle
+    from station.pipeline import Pipeline
+
+    pipeline = Pipeline(
+        load_bundle(config.model), backend=config.inference.backend, threads=config.inference.threads,
+        class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
+    )
+    pipeline.warm_up()
+    return pipeline
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
-    from station.bundle import load_bundle
     from station.config import load_config
     from station.daemon import Station
     from station.logsetup import configure_logging
-    from station.pipeline import Pipeline
     from station.publish import VerdictPublisher
+    from station.sdnotify import Notifier, watchdog_interval_s
     from station.sources.folder import WatchedFolderSource
 
     config = load_config(args.config)
     configure_logging(args.log_level or config.log_level)
     log = structlog.get_logger("station.run")
-    bundle = load_bundle(config.model)
     source = WatchedFolderSource(config.source.path, config.source.poll_interval_s, config.source.process_existing)
-    pipeline = Pipeline(
-        bundle, backend=config.inference.backend, threads=config.inference.threads,
-        class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
-    )
-    pipeline.warm_up()
+    pipeline = _build_pipeline(config)
     run_id = uuid.uuid4().hex
     publisher = VerdictPublisher(config.publish.endpoint, config.station_id, run_id)
     jsonl = JsonlSink(config.output.jsonl) if config.output.jsonl else None
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    log.info("station_ready", station=config.station_id, model=bundle.label, endpoint=config.publish.endpoint,
-             run_id=run_id)
+
+    def reload() -> Any:
+        """SIGHUP: re-read the config and load its bundle; what needs a restart is said, not applied."""
+        new = load_config(args.config)
+        for key in ("station_id", "source", "publish", "output"):
+            if getattr(new, key) != getattr(config, key):
+                log.warning("reload_needs_restart", key=key)
+        return _build_pipeline(new)
+
+    notifier = Notifier()
     station = Station(pipeline, source, config.station_id, run_id, publisher, [jsonl] if jsonl else [],
                       queue_size=config.inference.queue_size,
-                      heartbeat_interval_s=config.publish.heartbeat_interval_s)
+                      heartbeat_interval_s=config.publish.heartbeat_interval_s,
+                      notifier=notifier, watchdog_interval_s=watchdog_interval_s(), reloader=reload)
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    signal.signal(signal.SIGHUP, lambda _s, _f: station.reload_requested.set())
+    log.info("station_ready", station=config.station_id, model=pipeline.bundle.label,
+             endpoint=config.publish.endpoint, run_id=run_id, systemd=notifier.enabled)
     try:
         station.run(stop)
     finally:
         if jsonl:
             jsonl.close()
         publisher.close()
+        notifier.close()
     return EXIT_RUNTIME if station.source_error else EXIT_OK
 
 

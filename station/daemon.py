@@ -21,6 +21,7 @@ from station.errors import StationError
 from station.frame import Frame
 from station.pipeline import REASON_INFERENCE, Pipeline
 from station.publish import VerdictPublisher
+from station.sdnotify import Notifier
 from station.sources import Source
 from station.verdict import Verdict, error_verdict, skipped_verdict
 
@@ -57,6 +58,9 @@ class Station:
         queue_size: int = 8,
         skip_when_busy: bool | None = None,
         heartbeat_interval_s: float = 1.0,
+        notifier: Notifier | None = None,
+        watchdog_interval_s: float | None = None,
+        reloader: Callable[[], Pipeline] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
@@ -76,6 +80,13 @@ class Station:
         self._lock = threading.Lock()
         self._local_seq = 0
         self._started = time.monotonic()
+        self.notifier = notifier or Notifier(address="")
+        self.watchdog_interval_s = watchdog_interval_s
+        self.reloader = reloader
+        self.reload_requested = threading.Event()
+        self._reload_thread: threading.Thread | None = None
+        self._last_progress = time.monotonic()
+        self._published_at_last_ping = 0
 
     # -- threads ---------------------------------------------------------
 
@@ -109,11 +120,12 @@ class Station:
                 self._publish_q.put(_END)
                 return
             frame: Frame = item
+            pipeline = self.pipeline  # a reload swaps it between frames, never during one
             try:
-                verdict = self.pipeline.process(frame)
+                verdict = pipeline.process(frame)
             except Exception as exc:  # fail-safe: never lose the frame
                 log.exception("inspection_crashed", frame_id=frame.frame_id)
-                verdict = error_verdict(frame, REASON_INFERENCE, repr(exc), self.pipeline.model)
+                verdict = error_verdict(frame, REASON_INFERENCE, repr(exc), pipeline.model)
             self._publish_q.put(verdict)
 
     # -- publishing (runs in the caller's thread) --------------------------
@@ -141,6 +153,48 @@ class Station:
         for sink in self.sinks:
             sink(verdict, message)
 
+    # -- systemd: watchdog from progress, reload without losing a frame -----
+
+    def _feed_watchdog(self) -> None:
+        """WATCHDOG=1 only while the pipeline moves: verdicts came out, or nothing is waiting.
+
+        A timer thread would keep a stuck pipeline alive; this is called from
+        the publishing loop, so if that loop or inspection hangs with frames
+        pending, systemd stops hearing from us and restarts the service.
+        """
+        with self._lock:
+            published = self.counters.published
+            pending = self.counters.captured - published
+        if published != self._published_at_last_ping or pending == 0:
+            self._published_at_last_ping = published
+            self.notifier.watchdog()
+
+    def _status_line(self) -> str:
+        c = self.counters
+        return (f"{self.state}: inspected {c.inspected}, failed {c.failed}, skipped {c.skipped}, "
+                f"errors {c.errors}, {self.fps():.1f} fps, model {self.pipeline.model['name']} "
+                f"{self.pipeline.model['version']}")
+
+    def _start_reload(self) -> None:
+        if self.reloader is None or (self._reload_thread and self._reload_thread.is_alive()):
+            return
+        self.reload_requested.clear()
+        self.notifier.reloading()
+        reloader = self.reloader
+
+        def load() -> None:
+            try:
+                new = reloader()
+            except Exception as exc:  # a bad new bundle or config must not stop the line
+                log.error("reload_refused", reason=str(exc), keeping=self.pipeline.model)
+            else:
+                self.pipeline = new
+                log.info("reloaded", model=new.model)
+            self.notifier.ready(self._status_line())
+
+        self._reload_thread = threading.Thread(target=load, name="reload", daemon=True)
+        self._reload_thread.start()
+
     def fps(self) -> float:
         elapsed = time.monotonic() - self._started
         return self.counters.published / elapsed if elapsed > 0 else 0.0
@@ -160,23 +214,38 @@ class Station:
         log.info("station_running", source=self.source.describe(), run_id=self.run_id)
         capture.start()
         inspect.start()
-        next_beat = time.monotonic()
+        self.notifier.ready(self._status_line())
+        tick = min(self.heartbeat_interval_s, self.watchdog_interval_s or self.heartbeat_interval_s)
+        next_beat = next_tick = time.monotonic()
         while True:
             now = time.monotonic()
+            if self.reload_requested.is_set():
+                self._start_reload()
+            if stop.is_set() and self.state == "running":
+                self.state = "stopping"
+                self.notifier.stopping()
+            if now >= next_tick:
+                self._feed_watchdog()
+                self.notifier.status(self._status_line())
+                next_tick = now + tick
             if now >= next_beat:
-                if stop.is_set() and self.state == "running":
-                    self.state = "stopping"
                 self._heartbeat()
                 next_beat = now + self.heartbeat_interval_s
             try:
-                item = self._publish_q.get(timeout=max(0.0, next_beat - time.monotonic()))
+                wait = min(next_beat, next_tick) - time.monotonic()
+                item = self._publish_q.get(timeout=max(0.0, min(wait, 0.1)))
             except queue.Empty:
                 continue
             if item is _END:
                 break
             self._emit(item)
+        if stop.is_set() and self.state == "running":  # stopped between two checks of the loop
+            self.state = "stopping"
+            self.notifier.stopping()
         capture.join()
         inspect.join()
+        if self._reload_thread is not None:
+            self._reload_thread.join()
         self.state = "stopped"
         self._heartbeat()
         c = self.counters
