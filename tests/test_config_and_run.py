@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -74,7 +73,6 @@ def test_run_inspects_new_files_and_drains_on_sigterm(bundle: Path, eval_root: P
             tmp = incoming / f".{n}.tmp"
             shutil.copy(img, tmp)
             tmp.rename(incoming / f"{n:03d}.png")
-            time.sleep(0.05)
         (incoming / "broken.png").write_bytes(b"nope")
         verdicts = []
         while len(verdicts) < 4:
