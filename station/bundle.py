@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from station.errors import BundleError
 from station.mvtec import GOOD
 from station.preprocess import Normalisation, PreprocessSpec
-from station.validation import describe_validation_error
+from station.validation import load_yaml_model
 
 MANIFEST = "manifest.yaml"
 BUNDLE_FORMAT = "station.bundle/1"
@@ -162,16 +162,7 @@ def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing (is {root} a model bundle made by `station train`?)")
-    try:
-        raw = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise BundleError(f"{manifest_path}: cannot be read as YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise BundleError(f"{manifest_path}: expected a mapping at the top level")
-    try:
-        manifest = Manifest.model_validate(raw)
-    except ValidationError as exc:
-        raise BundleError(f"{manifest_path}: {describe_validation_error(exc)}") from exc
+    manifest = load_yaml_model(manifest_path, Manifest, BundleError)
     for role in REQUIRED_ROLES:
         if role not in manifest.models:
             raise BundleError(f"{manifest_path}: models.{role}: required model is missing")

@@ -9,11 +9,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from station.errors import ConfigError
-from station.validation import describe_validation_error
+from station.validation import load_yaml_model
 
 _STATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -77,18 +76,7 @@ class StationConfig(_Strict):
 def load_config(path: Path) -> StationConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    try:
-        config = StationConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+    config = load_yaml_model(path, StationConfig, ConfigError)
     base = path.parent
     # Relative paths in a config file mean relative to that file, not to the cwd of systemd.
     config.model = (base / config.model) if not config.model.is_absolute() else config.model

@@ -1,8 +1,16 @@
-"""Turning pydantic validation errors into messages that name the key."""
+"""YAML files validated by pydantic, with errors that name the file and the key."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from station.errors import StationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -17,3 +25,19 @@ def describe_validation_error(exc: ValidationError) -> str:
             msg = "required key is missing"
         lines.append(f"{key}: {msg}")
     return "; ".join(lines)
+
+
+def load_yaml_model(path: Path, model: type[M], error: type[StationError]) -> M:
+    """Read ``path`` as a YAML mapping and validate it; ``error`` names the file and the key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot be read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{path}: {describe_validation_error(exc)}") from exc
