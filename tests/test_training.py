@@ -83,3 +83,25 @@ def test_training_is_deterministic_under_seed(synth_root: Path, tmp_path: Path) 
     assert np.array_equal(outputs[0][0], outputs[2][0])
     assert np.array_equal(outputs[0][1], outputs[2][1])
     assert outputs[1] == outputs[3]
+
+
+def test_sweep_writes_a_markdown_table(synth_root: Path, tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("grid:\n  epochs: [1]\n  lr: [0.003, 0.0001]\n  optimizer: [adam, rmsprop]\n"
+                    "fixed:\n  batch_size: 4\n")
+    out = tmp_path / "sweep"
+    proc = run_station("train", "--data", str(synth_root), "--out", str(out), "--ae-steps", "2", "--sweep", str(grid))
+    assert proc.returncode == 0, proc.stderr
+    table = (out / "sweep.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4
+    assert "| 1 | 4 | 0.003 | adam |" in table and "| 1 | 4 | 0.0001 | rmsprop |" in table
+    assert not (out / "manifest.yaml").exists()  # a sweep compares settings; it writes no bundle
+
+
+def test_sweep_file_errors_name_the_key(synth_root: Path, tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("grid:\n  epoch: [1]\n")
+    proc = run_station("train", "--data", str(synth_root), "--out", str(tmp_path / "s"), "--sweep", str(grid))
+    assert proc.returncode == 2
+    assert "grid.epoch" in proc.stderr and "Traceback" not in proc.stderr
