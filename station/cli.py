@@ -169,10 +169,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from station.bundle import load_bundle
     from station.evaluate import folder_items, holdout_items, metrics, run_evaluation, write_report
     from station.evaluation import format_confusion
+    from station.pipeline import Pipeline
 
     bundle = load_bundle(args.model)
     items = folder_items(args.data, bundle.manifest.classes) if args.data else holdout_items(bundle)
-    from station.pipeline import Pipeline
 
     pipeline = Pipeline(bundle, anomaly_threshold=args.threshold)
     result = run_evaluation(pipeline, items, keep_overlays=args.report is not None)

@@ -20,7 +20,7 @@ import numpy as np
 from station.bundle import Bundle
 from station.decide import FAIL
 from station.errors import DatasetError
-from station.evaluation import auroc, classification_report, roc_curve
+from station.evaluation import auroc, classification_report, reject_rates, roc_curve
 from station.mvtec import GOOD, LabelledImage, is_image_file
 from station.pipeline import Pipeline
 from station.preprocess import Mouth, canonical_view
@@ -138,8 +138,7 @@ def metrics(result: EvaluationResult, pipeline: Pipeline) -> dict[str, Any]:
     is_defect = [t != GOOD for t in truth]
     scores = [c.score for c in ok if c.score is not None]
     report = classification_report(truth, [c.predicted or "" for c in ok], m.classes)
-    defects = [c for c in result.cases if c.truth != GOOD]
-    goods = [c for c in result.cases if c.truth == GOOD]
+    rejected, passed = reject_rates([c.truth for c in result.cases], [c.failed for c in result.cases], GOOD)
     pixel = None
     defective_masks = sum(int(t.any()) for t in result.pixel_truth)
     if result.pixel_scores and defective_masks:
@@ -161,8 +160,8 @@ def metrics(result: EvaluationResult, pipeline: Pipeline) -> dict[str, Any]:
         "image_auroc_per_defect": per_defect_auroc,
         "pixel_auroc": pixel,
         "pixel_auroc_images": len(result.pixel_scores),
-        "defects_rejected": sum(c.failed for c in defects) / len(defects) if defects else None,
-        "good_passed": sum(not c.failed for c in goods) / len(goods) if goods else None,
+        "defects_rejected": rejected,
+        "good_passed": passed,
     }
 
 

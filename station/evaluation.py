@@ -46,6 +46,15 @@ def roc_curve(scores: Sequence[float], positive: Sequence[bool]) -> tuple[np.nda
     return fpr, tpr, thresholds
 
 
+def reject_rates(truth: Sequence[str], failed: Sequence[bool], good: str) -> tuple[float | None, float | None]:
+    """Fraction of defective bottles failed, and of good bottles passed (None where there are none)."""
+    defect_fails = [f for t, f in zip(truth, failed, strict=True) if t != good]
+    good_fails = [f for t, f in zip(truth, failed, strict=True) if t == good]
+    rejected = sum(defect_fails) / len(defect_fails) if defect_fails else None
+    passed = sum(not f for f in good_fails) / len(good_fails) if good_fails else None
+    return rejected, passed
+
+
 def classification_report(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
     cm = confusion_matrix(truth, predicted, classes)
     total = int(cm.sum())

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from station.decide import FAIL, PASS, SKIPPED
-from station.evaluation import auroc, classification_report, format_confusion
+from station.evaluation import auroc, classification_report, format_confusion, reject_rates
 from station.mvtec import GOOD
 from station.verdict import Verdict
 
@@ -67,19 +67,13 @@ class ReplayCollector:
         if self.truth:
             is_defect = [t != GOOD for t in self.truth]
             report = classification_report(self.truth, self.predicted, self.classes)
-            good_n = is_defect.count(False)
-            defect_n = is_defect.count(True)
+            rejected, passed = reject_rates(self.truth, self.failed, GOOD)
             out["labelled"] = {
                 **report,
                 "image_auroc": auroc(self.anomaly_scores, is_defect),
                 "classifier_defect_auroc": auroc(self.defect_probs, is_defect),
-                "defects_rejected": (
-                    sum(f for f, d in zip(self.failed, is_defect, strict=True) if d) / defect_n if defect_n else None
-                ),
-                "good_passed": (
-                    sum(not f for f, d in zip(self.failed, is_defect, strict=True) if not d) / good_n
-                    if good_n else None
-                ),
+                "defects_rejected": rejected,
+                "good_passed": passed,
             }
         return out
 

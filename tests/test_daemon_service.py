@@ -36,7 +36,7 @@ class NotifySocket:
         self.sock.bind(str(self.path))
         self.sock.settimeout(0.2)
         self.messages: list[str] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._closed = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -48,6 +48,7 @@ class NotifySocket:
                 continue
             with self._lock:
                 self.messages.append(data)
+                self._lock.notify_all()
 
     def clear(self) -> None:
         with self._lock:
@@ -55,13 +56,12 @@ class NotifySocket:
 
     def wait_for(self, needle: str, timeout_s: float = 60) -> list[str]:
         deadline = time.monotonic() + timeout_s
-        while True:
-            with self._lock:
-                seen = list(self.messages)
-            if any(needle in m for m in seen):
-                return seen
-            assert time.monotonic() < deadline, f"no {needle!r} from the service; got {seen[-5:]}"
-            time.sleep(0.02)
+        with self._lock:
+            while not any(needle in m for m in self.messages):
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {needle!r} from the service; got {self.messages[-5:]}"
+                self._lock.wait(left)
+            return list(self.messages)
 
 
 def _verdicts(sub: Subscriber, n: int, timeout_s: float = 60) -> list[dict[str, Any]]:

@@ -27,3 +27,12 @@ def test_confusion_and_report() -> None:
     assert r["per_class"]["good"]["recall"] == pytest.approx(2 / 3)
     assert r["per_class"]["good"]["precision"] == pytest.approx(2 / 3)
     assert r["per_class"]["bad"]["recall"] == pytest.approx(1 / 2)
+
+
+def test_reject_rates_hand_computed() -> None:
+    from station.evaluation import reject_rates
+
+    truth = ["good", "good", "bad", "bad", "bad"]
+    failed = [False, True, True, True, False]
+    assert reject_rates(truth, failed, "good") == (pytest.approx(2 / 3), pytest.approx(1 / 2))
+    assert reject_rates(["good"], [False], "good") == (None, 1.0)
