@@ -374,48 +374,78 @@ def _build_pipeline(config: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
+    from station.archive import RejectArchive
     from station.config import load_config
     from station.daemon import Station
     from station.logsetup import configure_logging
+    from station.metrics import StationMetrics
     from station.publish import VerdictPublisher
     from station.sdnotify import Notifier, watchdog_interval_s
-    from station.sources.folder import WatchedFolderSource
+    from station.sources.factory import build_source
 
     config = load_config(args.config)
     configure_logging(args.log_level or config.log_level)
     log = structlog.get_logger("station.run")
-    source = WatchedFolderSource(config.source.path, config.source.poll_interval_s, config.source.process_existing)
+    source = build_source(config.source)
     pipeline = _build_pipeline(config)
+    manifest = pipeline.bundle.manifest
+    archive = (RejectArchive(config.archive, manifest.canonical_size, manifest.view.radius_margin)
+               if config.archive.path is not None else None)
     run_id = uuid.uuid4().hex
     publisher = VerdictPublisher(config.publish.endpoint, config.station_id, run_id)
+    sinks: list[Any] = []
     jsonl = JsonlSink(config.output.jsonl) if config.output.jsonl else None
+    if jsonl:
+        sinks.append(jsonl)
+    if archive:
+        sinks.append(archive)
 
     def reload() -> Any:
         """SIGHUP: re-read the config and load its bundle; what needs a restart is said, not applied."""
         new = load_config(args.config)
-        for key in ("station_id", "source", "publish", "output"):
+        for key in ("station_id", "source", "publish", "output", "metrics", "archive"):
             if getattr(new, key) != getattr(config, key):
                 log.warning("reload_needs_restart", key=key)
         return _build_pipeline(new)
 
     notifier = Notifier()
-    station = Station(pipeline, source, config.station_id, run_id, publisher, [jsonl] if jsonl else [],
+    metrics: StationMetrics | None = None
+    station = Station(pipeline, source, config.station_id, run_id, publisher, sinks,
                       queue_size=config.inference.queue_size,
                       heartbeat_interval_s=config.publish.heartbeat_interval_s,
                       notifier=notifier, watchdog_interval_s=watchdog_interval_s(), reloader=reload)
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    signal.signal(signal.SIGHUP, lambda _s, _f: station.reload_requested.set())
-    log.info("station_ready", station=config.station_id, model=pipeline.bundle.label,
-             endpoint=config.publish.endpoint, run_id=run_id, systemd=notifier.enabled)
+
+    def read_station() -> dict[str, Any]:
+        return {**station.snapshot(), "archive": archive.snapshot() if archive else None}
+
     try:
+        if config.metrics.listen is not None:
+            metrics = StationMetrics(read_station)
+            metrics.serve(config.metrics.listen)
+            station.on_verdict = metrics.observe
+        stop = threading.Event()
+        _install_stop_handlers(stop)
+        signal.signal(signal.SIGHUP, lambda _s, _f: station.reload_requested.set())
+        if archive:
+            archive.start()
+        log.info("station_ready", station=config.station_id, model=pipeline.bundle.label,
+                 source=source.describe(), endpoint=config.publish.endpoint, run_id=run_id,
+                 metrics=config.metrics.listen, archive=str(config.archive.path) if archive else None,
+                 systemd=notifier.enabled)
         station.run(stop)
     finally:
+        if archive:
+            archive.close()
         if jsonl:
             jsonl.close()
+        if metrics:
+            metrics.close()
         publisher.close()
         notifier.close()
-    return EXIT_RUNTIME if station.source_error else EXIT_OK
+    if station.source_error is not None:
+        log.error("station_failed", error=str(station.source_error))
+        return station.source_error.exit_code
+    return EXIT_OK
 
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,6 +26,73 @@ class FolderSourceConfig(_Strict):
     path: Path
     poll_interval_s: float = Field(default=0.2, gt=0, le=60)
     process_existing: bool = True
+
+
+class _CameraCommon(_Strict):
+    #: Longest wait between reconnect attempts; a returning camera is back within this plus its open time.
+    reconnect_max_s: float = Field(default=1.0, gt=0, le=60)
+
+
+class PylonSourceConfig(_CameraCommon):
+    kind: Literal["pylon"]
+    serial: str | None = None  # None: the first camera found
+    pixel_format: str | None = None  # e.g. Mono8, BayerRG8, BGR8Packed; None keeps the camera's
+    exposure_us: float | None = Field(default=None, gt=0)
+    gain_db: float | None = Field(default=None, ge=0)
+    gain_raw: int | None = Field(default=None, ge=0)  # for cameras that only have GainRaw
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    trigger: Literal["free_run", "software", "line1", "line2", "line3", "line4"] = "free_run"
+    trigger_activation: Literal["rising_edge", "falling_edge"] = "rising_edge"
+    software_trigger_hz: float = Field(default=5.0, gt=0, le=1000)
+    frame_rate_hz: float | None = Field(default=None, gt=0)  # free-run only
+    grab_strategy: Literal["one_by_one", "latest_image_only"] = "one_by_one"
+    grab_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
+    buffers: int = Field(default=10, ge=1, le=1000)
+    image_folder: Path | None = None  # the pylon camera emulator's ImageFilename (tests, demos)
+
+
+class OpenCvSourceConfig(_CameraCommon):
+    kind: Literal["opencv"]
+    #: device index ("0"), V4L2 path, rtsp:// or http:// URL, GStreamer pipeline ending in appsink, or a video file
+    uri: str = Field(min_length=1)
+    backend: Literal["auto", "v4l2", "ffmpeg", "gstreamer"] = "auto"
+    latest_only: bool | None = None  # None: newest-frame-only for live inputs, every frame for files
+    width: int | None = Field(default=None, gt=0)
+    height: int | None = Field(default=None, gt=0)
+    fps: float | None = Field(default=None, gt=0)
+    fourcc: str | None = Field(default=None, min_length=4, max_length=4)
+    open_timeout_ms: int = Field(default=3000, ge=100, le=120_000)
+    read_timeout_ms: int = Field(default=2000, ge=100, le=120_000)
+
+
+SOURCE_KINDS = frozenset({"folder", "pylon", "opencv"})
+SourceConfig = Annotated[
+    FolderSourceConfig | PylonSourceConfig | OpenCvSourceConfig, Field(discriminator="kind")
+]
+
+
+class MetricsConfig(_Strict):
+    #: host:port for the Prometheus scrape endpoint; null turns metrics off
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[^:\s]*:\d{1,5}$", v):
+            raise ValueError("must be host:port, e.g. 0.0.0.0:9108 (or null to turn metrics off)")
+        return v
+
+
+class ArchiveConfig(_Strict):
+    #: folder for images of rejected bottles; null turns the archive off
+    path: Path | None = None
+    max_count: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=2_000_000_000, ge=1_000_000)
+    max_age_days: float = Field(default=30.0, gt=0)
+    #: stop archiving (never the inspection) when the filesystem has less free space than this
+    min_free_bytes: int = Field(default=1_000_000_000, ge=0)
+    queue_size: int = Field(default=64, ge=1, le=10_000)
 
 
 class PublishConfig(_Strict):
@@ -58,12 +125,22 @@ class OutputConfig(_Strict):
 class StationConfig(_Strict):
     station_id: str
     model: Path
-    source: FolderSourceConfig
+    source: SourceConfig
     publish: PublishConfig = PublishConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    archive: ArchiveConfig = ArchiveConfig()
     inference: InferenceConfig = InferenceConfig()
     decision: DecisionConfig = DecisionConfig()
     output: OutputConfig = OutputConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _folder_by_default(cls, v: object) -> object:
+        # A source without ``kind`` is a watched folder, as before cameras were supported.
+        if isinstance(v, dict) and "kind" not in v:
+            return {**v, "kind": "folder"}
+        return v
 
     @field_validator("station_id")
     @classmethod
@@ -76,12 +153,25 @@ class StationConfig(_Strict):
 def load_config(path: Path) -> StationConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    config = load_yaml_model(path, StationConfig, ConfigError)
+    config = load_yaml_model(path, StationConfig, ConfigError, SOURCE_KINDS)
     base = path.parent
     # Relative paths in a config file mean relative to that file, not to the cwd of systemd.
     config.model = (base / config.model) if not config.model.is_absolute() else config.model
-    if not config.source.path.is_absolute():
-        config.source.path = base / config.source.path
+    src = config.source
+    if isinstance(src, FolderSourceConfig) and not src.path.is_absolute():
+        src.path = base / src.path
+    if isinstance(src, PylonSourceConfig) and src.image_folder is not None and not src.image_folder.is_absolute():
+        src.image_folder = base / src.image_folder
+    if isinstance(src, OpenCvSourceConfig) and _is_relative_file(src.uri):
+        src.uri = str(base / src.uri)
+    if config.archive.path is not None and not config.archive.path.is_absolute():
+        config.archive.path = base / config.archive.path
     if config.output.jsonl is not None and not config.output.jsonl.is_absolute():
         config.output.jsonl = base / config.output.jsonl
     return config
+
+
+def _is_relative_file(uri: str) -> bool:
+    from station.sources.opencv import classify
+
+    return classify(uri) == "file" and not Path(uri).is_absolute()

@@ -23,6 +23,7 @@ from station.pipeline import REASON_INFERENCE, Pipeline
 from station.publish import VerdictPublisher
 from station.sdnotify import Notifier
 from station.sources import Source
+from station.sources.camera import SKIP_REASON
 from station.verdict import Verdict, error_verdict, skipped_verdict
 
 log = structlog.get_logger("station.daemon")
@@ -61,6 +62,7 @@ class Station:
         notifier: Notifier | None = None,
         watchdog_interval_s: float | None = None,
         reloader: Callable[[], Pipeline] | None = None,
+        on_verdict: Callable[[Verdict], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
@@ -83,6 +85,7 @@ class Station:
         self.notifier = notifier or Notifier(address="")
         self.watchdog_interval_s = watchdog_interval_s
         self.reloader = reloader
+        self.on_verdict = on_verdict
         self.reload_requested = threading.Event()
         self._reload_thread: threading.Thread | None = None
         self._last_progress = time.monotonic()
@@ -95,6 +98,10 @@ class Station:
             for frame in self.source.frames(stop):
                 with self._lock:
                     self.counters.captured += 1
+                skip_reason = frame.meta.get(SKIP_REASON)
+                if skip_reason is not None:  # dropped by the camera layer: accounted for, not inspected
+                    self._publish_q.put(skipped_verdict(frame, self.pipeline.model, skip_reason))
+                    continue
                 if not self.skip_when_busy:
                     self._inspect_q.put(frame)
                     continue
@@ -150,6 +157,8 @@ class Station:
                 c.passed += 1
             elif verdict.verdict == FAIL:
                 c.failed += 1
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
         for sink in self.sinks:
             sink(verdict, message)
 
@@ -169,9 +178,34 @@ class Station:
             self._published_at_last_ping = published
             self.notifier.watchdog()
 
+    @property
+    def effective_state(self) -> str:
+        """``degraded`` while running without a camera (it is being reconnected)."""
+        degraded = getattr(self.source, "degraded", False)
+        return "degraded" if self.state == "running" and degraded else self.state
+
+    def camera_health(self) -> dict[str, Any] | None:
+        health = getattr(self.source, "health_snapshot", None)
+        return health() if callable(health) else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything heartbeats, STATUS and metrics report, read at one moment."""
+        with self._lock:
+            counters = self.counters.snapshot()
+        return {
+            "state": self.effective_state,
+            "counters": counters,
+            "fps": self.fps(),
+            "queues": {"inspect": self._inspect_q.qsize(), "publish": self._publish_q.qsize()},
+            "model": dict(self.pipeline.model),
+            "camera": self.camera_health(),
+        }
+
     def _status_line(self) -> str:
         c = self.counters
-        return (f"{self.state}: inspected {c.inspected}, failed {c.failed}, skipped {c.skipped}, "
+        camera = self.camera_health()
+        cam = f", camera {camera['state']}" if camera else ""
+        return (f"{self.effective_state}{cam}: inspected {c.inspected}, failed {c.failed}, skipped {c.skipped}, "
                 f"errors {c.errors}, {self.fps():.1f} fps, model {self.pipeline.model['name']} "
                 f"{self.pipeline.model['version']}")
 
@@ -201,9 +235,9 @@ class Station:
 
     def _heartbeat(self) -> None:
         if self.publisher is not None:
-            with self._lock:
-                counters = self.counters.snapshot()
-            self.publisher.heartbeat(self.state, counters, self.fps())
+            s = self.snapshot()
+            extra = {"camera": s["camera"]} if s["camera"] is not None else None
+            self.publisher.heartbeat(s["state"], s["counters"], s["fps"], extra)
 
     def run(self, stop: threading.Event) -> Counters:
         """Run until the source ends (replay) or ``stop`` is set; drain; return the counters."""

@@ -22,8 +22,9 @@ from station.decide import FAIL
 from station.errors import DatasetError
 from station.evaluation import auroc, classification_report, reject_rates, roc_curve
 from station.mvtec import GOOD, LabelledImage, is_image_file
+from station.overlay import anomaly_overlay, cartesian_map
 from station.pipeline import Pipeline
-from station.preprocess import Mouth, canonical_view
+from station.preprocess import canonical_view
 from station.sources.folder import load_frame
 
 PIXEL_SIDE = 225  # pixel AUROC is computed at a quarter of the canonical 900×900 view
@@ -85,17 +86,6 @@ def ground_truth_mask(image_path: Path, label: str) -> Path | None:
         return None
     candidate = image_path.parents[2] / "ground_truth" / label / f"{image_path.stem}_mask.png"
     return candidate if candidate.is_file() else None
-
-
-def cartesian_map(anomaly_map: np.ndarray, mouth: Mouth, radius_margin: float, canonical_size: int,
-                  side: int) -> np.ndarray:
-    """The polar anomaly map (rows: angle, cols: radius) drawn back into a side×side canonical view."""
-    f = side / canonical_size
-    out = cv2.warpPolar(
-        anomaly_map.astype(np.float32), (side, side), ((mouth.cx + 0.5) * f - 0.5, (mouth.cy + 0.5) * f - 0.5),
-        mouth.radius * radius_margin * f, cv2.INTER_LINEAR + cv2.WARP_FILL_OUTLIERS + cv2.WARP_INVERSE_MAP,
-    )
-    return np.asarray(out)
 
 
 def run_evaluation(pipeline: Pipeline, items: list[LabelledImage], keep_overlays: bool = True) -> EvaluationResult:
@@ -165,15 +155,6 @@ def metrics(result: EvaluationResult, pipeline: Pipeline) -> dict[str, Any]:
     }
 
 
-def _overlay(view: np.ndarray, amap: np.ndarray, threshold: float) -> np.ndarray:
-    scaled = np.clip(amap / (2 * threshold) * 255 if threshold > 0 else amap, 0, 255).astype(np.uint8)
-    heat = cv2.applyColorMap(scaled, cv2.COLORMAP_JET)
-    out = cv2.addWeighted(view, 0.6, heat, 0.4, 0)
-    contours, _ = cv2.findContours((amap > threshold).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
-    return out
-
-
 def write_report(result: EvaluationResult, figures: dict[str, Any], out: Path, worst: int = 6) -> list[Path]:
     import matplotlib
 
@@ -234,7 +215,7 @@ def write_report(result: EvaluationResult, figures: dict[str, Any], out: Path, w
     tiles = []
     for c in worst_defects + worst_good:
         assert c.overlay_source is not None
-        tile = _overlay(*c.overlay_source, figures["threshold"])
+        tile = anomaly_overlay(*c.overlay_source, figures["threshold"])
         cv2.putText(tile, f"{c.truth} {c.score:.2f}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1)
         tiles.append(tile)
     worst_rows: list[tuple[str, str, str, str]] = [

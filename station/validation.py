@@ -13,11 +13,16 @@ from station.errors import StationError
 M = TypeVar("M", bound=BaseModel)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each starting with the dotted key it concerns."""
+def describe_validation_error(exc: ValidationError, union_tags: frozenset[str] = frozenset()) -> str:
+    """One line per problem, each starting with the dotted key it concerns.
+
+    ``union_tags``: the tags of discriminated unions, which pydantic puts in
+    the location (``source.pylon.trigger``) but are not keys the user wrote.
+    """
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        parts = [str(part) for i, part in enumerate(err["loc"]) if not (i > 0 and part in union_tags)]
+        key = ".".join(parts) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt?)"
@@ -27,7 +32,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_yaml_model(path: Path, model: type[M], error: type[StationError]) -> M:
+def load_yaml_model(path: Path, model: type[M], error: type[StationError],
+                    union_tags: frozenset[str] = frozenset()) -> M:
     """Read ``path`` as a YAML mapping and validate it; ``error`` names the file and the key."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -40,4 +46,4 @@ def load_yaml_model(path: Path, model: type[M], error: type[StationError]) -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise error(f"{path}: {describe_validation_error(exc)}") from exc
+        raise error(f"{path}: {describe_validation_error(exc, union_tags)}") from exc

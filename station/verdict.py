@@ -91,9 +91,13 @@ def error_verdict(frame: Frame, reason: str, detail: str, model: dict[str, str])
     )
 
 
-def skipped_verdict(frame: Frame, model: dict[str, str]) -> Verdict:
-    """A frame inference could not keep up with: accounted for, explicitly not inspected."""
+def skipped_verdict(frame: Frame, model: dict[str, str], reason: str = REASON_OVERLOAD) -> Verdict:
+    """A frame that was accounted for but explicitly not inspected.
+
+    ``overload``: inference could not keep up; ``camera_skipped``: the
+    acquisition dropped it to stay current (a newest-frame-only strategy).
+    """
     return Verdict(
-        frame=frame, verdict=SKIPPED, reasons=[REASON_OVERLOAD], model=model,
+        frame=frame, verdict=SKIPPED, reasons=[reason], model=model,
         latency_ms=dict(frame.latency_ms),
     )
