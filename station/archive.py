@@ -41,7 +41,7 @@ from station.verdict import Verdict
 log = structlog.get_logger("station.archive")
 
 SIDECAR = ".json"
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")  # no dots: everything after the first dot is the suffix
 _STOP = object()
 #: retention also runs while idle, so the age limit holds on a quiet line
 IDLE_PRUNE_S = 60.0

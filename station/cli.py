@@ -428,6 +428,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGHUP, lambda _s, _f: station.reload_requested.set())
         if archive:
             archive.start()
+        wanted = config.publish.wait_subscribers
+        if wanted:
+            got = publisher.wait_for_subscribers(wanted, config.publish.wait_timeout_s)
+            if got < wanted:
+                log.warning("subscribers_missing", wanted=wanted, connected=got, endpoint=config.publish.endpoint)
         log.info("station_ready", station=config.station_id, model=pipeline.bundle.label,
                  source=source.describe(), endpoint=config.publish.endpoint, run_id=run_id,
                  metrics=config.metrics.listen, archive=str(config.archive.path) if archive else None,

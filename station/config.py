@@ -98,6 +98,10 @@ class ArchiveConfig(_Strict):
 class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    #: hold the first frame until this many verdict subscribers are connected (a bounded wait: a line
+    #: must run even when a bridge is down, so after wait_timeout_s the station starts anyway, with a warning)
+    wait_subscribers: int = Field(default=0, ge=0, le=1000)
+    wait_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("endpoint")
     @classmethod
