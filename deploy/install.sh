@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Installs station as a systemd service:
+#   $PREFIX/venv            the station and its serving dependencies (no torch)
+#   $PREFIX/models/current  the model bundle given with --bundle
+#   /etc/station/station.yaml  from deploy/station.example.yaml, never overwriting an existing one
+#   $UNITDIR/station.service, station@.service
+# With DESTDIR set, everything goes under DESTDIR (a package build or a test) and
+# nothing is done to the running system: no user is created, systemd is not told.
+#
+#   sudo deploy/install.sh --bundle models/demo
+#   DESTDIR=/tmp/root deploy/install.sh --extras ''
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=${PREFIX:-/opt/station}
+DESTDIR=${DESTDIR:-}
+UNITDIR=${UNITDIR:-/etc/systemd/system}
+CONFDIR=${CONFDIR:-/etc/station}
+EXTRAS=camera
+BUNDLE=
+
+usage() { echo "usage: $0 [--prefix DIR] [--bundle MODEL_DIR] [--extras camera,tensorrt|'']" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX=${2:?}; shift 2 ;;
+    --bundle) BUNDLE=${2:?}; shift 2 ;;
+    --extras) EXTRAS=${2?}; shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "install.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+case "$PREFIX" in /*) ;; *) echo "install.sh: --prefix must be absolute, got $PREFIX" >&2; exit 2 ;; esac
+if [ -n "$BUNDLE" ] && [ ! -f "$BUNDLE/manifest.yaml" ]; then
+  echo "install.sh: $BUNDLE is not a model bundle (no manifest.yaml); make one with station train" >&2; exit 2
+fi
+
+root=$DESTDIR
+venv=$root$PREFIX/venv
+echo "install.sh: venv in $venv"
+python3 -m venv "$venv"
+spec=$src
+[ -n "$EXTRAS" ] && spec="$src[$EXTRAS]"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "$spec" 2> >(grep -v '^WARNING: Location' >&2)
+if [ -n "$root" ]; then
+  # A venv records its own path in its scripts and pyvenv.cfg; staged under DESTDIR it must
+  # name the path it will have once installed.
+  grep -rlIZ -- "$venv" "$venv/bin" "$venv/pyvenv.cfg" | xargs -0 -r sed -i "s|$venv|$PREFIX/venv|g"
+fi
+
+if [ -n "$BUNDLE" ]; then
+  rm -rf "$root$PREFIX/models/current.new"
+  install -d "$root$PREFIX/models"
+  cp -r "$BUNDLE" "$root$PREFIX/models/current.new"
+  rm -rf "$root$PREFIX/models/current"
+  mv "$root$PREFIX/models/current.new" "$root$PREFIX/models/current"
+fi
+
+install -d -m 0755 "$root$CONFDIR"
+if [ -e "$root$CONFDIR/station.yaml" ]; then
+  echo "install.sh: keeping the existing $CONFDIR/station.yaml"
+else
+  sed "s|/opt/station/|$PREFIX/|g" "$src/deploy/station.example.yaml" > "$root$CONFDIR/station.yaml"
+  chmod 0644 "$root$CONFDIR/station.yaml"
+fi
+
+install -d "$root$UNITDIR"
+for unit in station.service station@.service; do
+  sed "s|/opt/station/|$PREFIX/|g" "$src/systemd/$unit" > "$root$UNITDIR/$unit"
+  chmod 0644 "$root$UNITDIR/$unit"
+done
+
+if [ -z "$root" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    if ! id station >/dev/null 2>&1; then
+      # video and plugdev: USB3 Vision and V4L2 cameras on Debian.
+      useradd --system --no-create-home --home-dir /var/lib/station --shell /usr/sbin/nologin station
+      for group in video plugdev; do getent group "$group" >/dev/null && usermod -aG "$group" station; done
+    fi
+    systemctl daemon-reload 2>/dev/null || true
+  fi
+  echo "install.sh: done. Edit $CONFDIR/station.yaml, then: systemctl enable --now station"
+else
+  echo "install.sh: staged under $root"
+fi
