@@ -167,3 +167,20 @@ def test_both_sfnc_generations_and_failed_grabs(camera_images: Path, emulator: N
     finally:
         cam.close()
     assert os.environ["PYLON_CAMEMU"] == "1"
+
+
+def test_hardware_trigger_waits_quietly_for_the_line(camera_images: Path, emulator: None) -> None:
+    """The emulator cannot drive Line1; what can be checked: it is armed, and no trigger is no frame, no fault."""
+    from station.sources.pylon import PylonCamera
+
+    cam = PylonCamera(PylonSourceConfig.model_validate(
+        _source(camera_images, trigger="line1", trigger_activation="falling_edge", grab_timeout_ms=50)))
+    cam.open()
+    try:
+        nodemap = cam._camera.GetNodeMap()
+        assert nodemap.GetNode("TriggerMode").Value == "On"
+        assert nodemap.GetNode("TriggerSource").Value == "Line1"
+        assert nodemap.GetNode("TriggerActivation").Value == "FallingEdge"
+        assert [cam.grab() for _ in range(3)] == [None, None, None]
+    finally:
+        cam.close()
