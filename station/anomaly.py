@@ -18,6 +18,10 @@ from station.preprocess import Mouth
 class AnomalyParams:
     smoothing_sigma: float
     top_k_fraction: float
+    #: the bottle region: radii beyond ``mask_radius`` × the rim radius (the background around the
+    #: mouth, which the polar view keeps out to ``radius_margin``) never score; None keeps the whole view
+    mask_radius: float | None = None
+    radius_margin: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,18 @@ class Region:
 
 
 def smooth(error_map: np.ndarray, params: AnomalyParams) -> np.ndarray:
-    """(H, W) float32 error map, Gaussian-smoothed so single noisy pixels do not score."""
+    """(H, W) float32 polar error map, Gaussian-smoothed so single noisy pixels do not score,
+    with everything outside the bottle region set to 0 (a typical good pixel of the z-scored map)."""
     m: np.ndarray = np.asarray(error_map, dtype=np.float32)
     if params.smoothing_sigma > 0:
         m = cv2.GaussianBlur(m, (0, 0), params.smoothing_sigma)
+    if params.mask_radius is not None:
+        radius_bins = m.shape[1]
+        centres = (np.arange(radius_bins) + 0.5) / radius_bins * params.radius_margin
+        outside = centres > params.mask_radius
+        if outside.any():
+            m = m.copy() if m is error_map else m
+            m[:, outside] = 0.0
     return m
 
 

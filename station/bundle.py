@@ -66,6 +66,8 @@ class ModelFile(_Strict):
 class AnomalyManifest(_Strict):
     smoothing_sigma: float = Field(ge=0)
     top_k_fraction: float = Field(gt=0, le=1)
+    #: radii beyond this × the rim radius are background and never score (None: no mask; older bundles)
+    mask_radius: float | None = Field(default=None, gt=0)
     threshold: float
     threshold_method: str
     calibration_scores: str | None = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from station.bundle import AnomalyManifest, Bundle, checksums, write_manifest
+from station.bundle import Bundle, checksums, write_manifest
 from station.errors import DatasetError
 from station.frame import Frame
 from station.pipeline import Pipeline
@@ -81,10 +81,9 @@ def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     manifest = m.model_copy(update={
         "version": f"{m.version.split('+')[0]}+cal{stamp}",
-        "anomaly": AnomalyManifest(
-            smoothing_sigma=m.anomaly.smoothing_sigma, top_k_fraction=m.anomaly.top_k_fraction,
-            threshold=threshold, threshold_method=method, calibration_scores=SCORES_FILE,
-        ),
+        "anomaly": m.anomaly.model_copy(update={
+            "threshold": threshold, "threshold_method": method, "calibration_scores": SCORES_FILE,
+        }),
         "files": files,
     })
     tmp = bundle.root / ".manifest.yaml.tmp"

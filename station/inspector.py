@@ -29,7 +29,8 @@ class Inspector:
         self.bundle = bundle
         self.classes = m.classes
         self.backend = backend
-        self.params = AnomalyParams(m.anomaly.smoothing_sigma, m.anomaly.top_k_fraction)
+        self.params = AnomalyParams(m.anomaly.smoothing_sigma, m.anomaly.top_k_fraction,
+                                    m.anomaly.mask_radius, m.view.radius_margin)
         self.preprocess_spec = m.preprocess_spec()
         self.classifier: ModelRunner = load_model(
             backend, bundle.model_path("classifier"), m.models["classifier"].inputs,

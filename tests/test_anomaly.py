@@ -30,3 +30,21 @@ def test_top_k_score_sees_a_small_defect() -> None:
     p = AnomalyParams(smoothing_sigma=0.0, top_k_fraction=0.001)  # top 16 pixels
     assert image_score(m, p) == pytest.approx(8.0)
     assert image_score(np.zeros_like(m), p) == 0.0
+
+
+def test_mask_keeps_the_bottle_and_drops_the_background_around_it() -> None:
+    from station.anomaly import smooth
+
+    # 128 radius columns out to 1.08 × the rim: columns past 1.03 × the rim are background.
+    m = np.zeros((64, 128), np.float32)
+    m[:, 125] = 9.0  # dust on the conveyor, outside the mouth
+    m[5, 100] = 4.0  # a speck on the rim (radius 0.85)
+    masked = AnomalyParams(smoothing_sigma=0.0, top_k_fraction=1 / m.size, mask_radius=1.03, radius_margin=1.08)
+    unmasked = AnomalyParams(smoothing_sigma=0.0, top_k_fraction=1 / m.size)
+    assert image_score(smooth(m, unmasked), unmasked) == pytest.approx(9.0)
+    assert image_score(smooth(m, masked), masked) == pytest.approx(4.0)
+    assert m[0, 125] == 9.0, "the model's own output is left as it was"
+    edge = np.ones((64, 128), np.float32)
+    kept = smooth(edge, masked)[0]
+    # Column centres: 121 at 1.025 × the rim (bottle), 122 at 1.034 (background).
+    assert kept[121] == 1.0 and kept[122] == 0.0 and kept[:122].all() and not kept[122:].any()

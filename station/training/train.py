@@ -59,6 +59,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SMOOTHING_SIGMA = 1.0
 TOP_K_FRACTION = 0.002
+#: The rim's enclosing circle is the outer edge of the glass; a little beyond it for a located circle
+#: that is off by a few pixels, and the rest of the polar view's margin (1.08) is background.
+MASK_RADIUS = 1.03
 BALANCE_MODES = ("weighted", "sampler", "logit-adjust", "none")
 AE_POOL = 2
 
@@ -369,7 +372,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
                                      output="anomaly_map"),
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
-                                threshold=float("inf"), threshold_method="uncalibrated"),
+                                mask_radius=MASK_RADIUS, threshold=float("inf"), threshold_method="uncalibrated"),
         decision=DecisionManifest(class_confidence=0.5),
         files=checksums(tmp, ["classifier.onnx", "autoencoder.onnx"]),
     )
@@ -402,9 +405,8 @@ def train_bundle(opts: TrainOptions) -> Manifest:
                              "total": round(time.monotonic() - started, 1)},
     }
     manifest = manifest.model_copy(update={
-        "anomaly": AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
-                                   threshold=threshold, threshold_method=method,
-                                   calibration_scores=SCORES_FILE),
+        "anomaly": manifest.anomaly.model_copy(update={
+            "threshold": threshold, "threshold_method": method, "calibration_scores": SCORES_FILE}),
         "training": {
             "data_root": str(root.resolve()),
             "data_fingerprint": fingerprint(root, pool),
