@@ -8,6 +8,7 @@ of good bottles; the scores it came from are kept with the bundle
 from __future__ import annotations
 
 import json
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,21 @@ def anomaly_scores(pipeline: Pipeline, frames: list[Frame]) -> list[float]:
     return scores
 
 
+#: Confidence of the tolerance bound: with this probability the false-reject rate is at most the target.
+CONFIDENCE = 0.90
+
+
+def tolerance_factor(n: int, coverage: float, confidence: float = CONFIDENCE) -> float:
+    """One-sided normal tolerance factor k: mean + k·sd bounds ``coverage`` of the population with
+    ``confidence``, from ``n`` samples (Natrella's approximation, NIST/SEMATECH e-Handbook 7.2.6.3;
+    within a few percent of the exact noncentral-t value for n ≥ 10, conservative below)."""
+    z_p = NormalDist().inv_cdf(coverage)
+    z_g = NormalDist().inv_cdf(confidence)
+    a = 1.0 - z_g**2 / (2.0 * (n - 1))
+    b = z_p**2 - z_g**2 / n
+    return (z_p + math.sqrt(z_p**2 - a * b)) / a
+
+
 def choose_threshold(scores: list[float], target_false_reject: float) -> tuple[float, str]:
     if not scores:
         raise DatasetError("no good images to calibrate on")
@@ -43,22 +59,28 @@ def choose_threshold(scores: list[float], target_false_reject: float) -> tuple[f
         raise DatasetError(f"target false-reject rate {target_false_reject} must be between 0 and 1")
     quantile = 1.0 - target_false_reject
     empirical = float(np.quantile(scores, quantile, method="higher"))
-    # A few dozen images cannot show a 1 % tail; a fit to them can estimate
-    # it. Anomaly scores are positive and right-skewed, so the fit is
+    # A few dozen images cannot show a 1 % tail; a fit to them can estimate it,
+    # but from 13 images the fit's own spread is uncertain, and a plain quantile
+    # of the fit is exceeded by more good bottles than the target as often as
+    # not. So the threshold is a tolerance bound of the fit: with 90 %
+    # confidence at most the target rate of good bottles score above it. It
+    # tightens toward the plain quantile as `station calibrate` sees more good
+    # images. Anomaly scores are positive and right-skewed, so the fit is
     # log-normal (normal when a score is not positive). The threshold is the
-    # stricter-on-good-bottles (higher) of the two estimates.
-    z = NormalDist().inv_cdf(quantile)
+    # higher of the empirical quantile and that bound.
     values = np.asarray(scores, dtype=np.float64)
-    log_normal = bool((values > 0).all()) and len(values) > 1
+    n = len(values)
+    log_normal = bool((values > 0).all()) and n > 1
     sample = np.log(values) if log_normal else values
     mean = float(sample.mean())
-    std = float(sample.std(ddof=1)) if len(values) > 1 else 0.0
-    fitted = float(np.exp(mean + z * std)) if log_normal else mean + z * std
+    std = float(sample.std(ddof=1)) if n > 1 else 0.0
+    k = tolerance_factor(n, quantile) if n > 1 else 0.0
+    fitted = float(np.exp(mean + k * std)) if log_normal else mean + k * std
     threshold = max(empirical, fitted)
     fit = "log-normal" if log_normal else "normal"
-    method = (f"max of the empirical {quantile:g} quantile ({empirical:.4g}) and the {quantile:g} quantile of a "
-              f"{fit} fit ({fitted:.4g}) to the anomaly scores of {len(scores)} held-out good images; "
-              f"target false-reject rate {target_false_reject:g}")
+    method = (f"max of the empirical {quantile:g} quantile ({empirical:.4g}) and the {CONFIDENCE:.0%}-confidence "
+              f"bound on the {quantile:g} quantile of a {fit} fit ({fitted:.4g}, k={k:.3f}) to the anomaly scores "
+              f"of {n} held-out good images; target false-reject rate {target_false_reject:g}")
     return threshold, method
 
 

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
     t.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
     t.add_argument("--epochs", type=_positive_int, default=60, help="classifier epochs")
-    t.add_argument("--ae-steps", type=_positive_int, default=400, help="autoencoder training steps (batches of 8)")
+    t.add_argument("--ae-steps", type=_positive_int, default=1000, help="autoencoder training steps (batches of 8)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--target-false-reject", type=_positive_float, default=0.01,

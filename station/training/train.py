@@ -71,7 +71,7 @@ class TrainOptions:
     data: Path
     out: Path
     epochs: int = 60
-    ae_steps: int = 400
+    ae_steps: int = 1000
     seed: int = 0
     batch_size: int = 16
     target_false_reject: float = 0.01
