@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision state-dict file for the backbone (never downloaded)")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="classifier learning rate")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "rmsprop", "sgd"])
-    t.add_argument("--balance", default="weighted", choices=["weighted", "sampler", "logit-adjust", "none"],
-                   help="class-imbalance handling (default: inverse-frequency loss weights)")
+    t.add_argument("--balance", default="logit-adjust", choices=["weighted", "sampler", "logit-adjust", "none"],
+                   help="class-imbalance handling (default: logit-adjusted cross-entropy)")
     t.add_argument("--sweep", type=Path, default=None, metavar="FILE.yaml",
                    help="train a grid of classifier settings and write OUT/sweep.md instead of a bundle")
     t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
@@ -113,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("run", help="run the station as a long-running service")
     n.add_argument("--config", type=Path, required=True, help="station.yaml")
+
+    b = sub.add_parser("bench", help="measure per-stage latency, throughput and latency at an offered rate")
+    b.add_argument("--model", type=Path, required=True)
+    b.add_argument("--source", default="synth", metavar="synth|FOLDER",
+                   help="bottles rendered in memory (default) or the images of a folder")
+    b.add_argument("--frames", type=_positive_int, default=300)
+    b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    b.add_argument("--threads", type=int, default=0, help="inference threads (0: ONNX Runtime default)")
+    b.add_argument("--rate", type=_positive_float, default=20.0, metavar="FPS",
+                   help="offered frame rate for the latency measurement")
+    b.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
     return p
 
 
@@ -453,6 +464,46 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} cores usable, {model}"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from station.bench import folder_images, format_report, run_bench, synth_images
+    from station.bundle import load_bundle
+    from station.pipeline import Pipeline
+
+    bundle = load_bundle(args.model)
+    pipeline = Pipeline(bundle, backend=args.backend, threads=args.threads)
+    pipeline.warm_up()
+    if args.source == "synth":
+        print(f"bench: rendering {args.frames} bottles", file=sys.stderr)
+        images = synth_images(args.frames)
+    else:
+        images = folder_images(Path(args.source), args.frames)
+    print("bench: measuring", file=sys.stderr)
+    report = run_bench(pipeline, images, args.rate)
+    report.update(model=bundle.label, backend=args.backend, threads=args.threads, machine=_machine(),
+                  source=args.source)
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(f"figures written to {args.json}")
+    return EXIT_OK
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "synth": cmd_synth,
     "train": cmd_train,
@@ -461,6 +512,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "evaluate": cmd_evaluate,
     "calibrate": cmd_calibrate,
     "run": cmd_run,
+    "bench": cmd_bench,
 }
 
 
@@ -470,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "run":
         from station.logsetup import configure_logging
 
-        configure_logging(args.log_level or "info")
+        # bench runs the station several times: its lifecycle lines would bury the report.
+        configure_logging(args.log_level or ("warning" if args.command == "bench" else "info"))
     try:
         return HANDLERS[args.command](args)
     except StationError as exc:

@@ -85,7 +85,7 @@ class TrainOptions:
     #: class imbalance: "weighted" (inverse-frequency loss weights), "sampler" (class-balanced
     #: batches), "logit-adjust" (Menon et al. 2021: log class priors added to the logits
     #: during training), "none"
-    balance: str = "weighted"
+    balance: str = "logit-adjust"
 
 
 def _say(msg: str) -> None:

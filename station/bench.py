@@ -1,0 +1,255 @@
+"""`station bench`: where a frame's time goes, and what the station sustains, measured in one run.
+
+Shared machines are noisy, so everything is measured in the same run on the
+same images and compared as ratios: bare inference of the models, a naive
+sequential loop (decode → preprocess → infer → decide → publish, one frame at
+a time), and the station itself (its threads and queues) on in-memory camera
+frames, on PNG files replayed from disk, and at an offered frame rate.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from station.daemon import Station
+from station.errors import DatasetError
+from station.frame import Frame
+from station.imageio import read_image
+from station.mvtec import DEFECT_CLASSES, is_image_file
+from station.pipeline import Pipeline
+from station.preprocess import preprocess
+from station.publish import Subscriber, VerdictPublisher
+from station.sources.folder import FolderReplaySource, load_frame
+from station.synth import render_bottle
+
+STAGES = ("decode", "preprocess", "autoencoder", "classifier", "anomaly_map", "decide", "publish", "total")
+
+
+def summarise(values_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(values_ms, dtype=np.float64)
+    if a.size == 0:
+        return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "n": int(a.size)}
+
+
+class MemorySource:
+    """Decoded frames from memory, as a camera driver hands them over (no file, no decode).
+
+    ``rate``: offered at that many frames per second, as a live camera (surplus
+    frames are skipped by the station, visibly); None: as fast as accepted.
+    """
+
+    def __init__(self, images: list[np.ndarray], rate: float | None = None) -> None:
+        self.images = images
+        self.rate = rate
+        self.finite = rate is None
+
+    def describe(self) -> str:
+        return f"{len(self.images)} in-memory frames" + (f" at {self.rate:g} fps" if self.rate else "")
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        start = time.monotonic()
+        for seq, image in enumerate(self.images):
+            if self.rate:
+                delay = start + seq / self.rate - time.monotonic()
+                if delay > 0 and stop.wait(delay):
+                    return
+            yield Frame(seq=seq, frame_id=f"mem/{seq}", source="bench", captured_at=time.time(),
+                        captured_mono=time.monotonic(), image=image)
+
+
+def synth_images(n: int, seed: int = 11) -> list[np.ndarray]:
+    """n bottles, one in three defective, rendered in memory (nothing is written)."""
+    rng = np.random.default_rng(seed)
+    kinds: list[str | None] = [None, None, None, *DEFECT_CLASSES]
+    return [render_bottle(rng, kinds[i % len(kinds)])[0] for i in range(n)]
+
+
+def folder_images(folder: Path, n: int) -> list[np.ndarray]:
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    if not paths:
+        raise DatasetError(f"no images under {folder}")
+    return [read_image(paths[i % len(paths)]) for i in range(n)]
+
+
+@dataclass
+class _Drain:
+    """A subscriber on its own thread, so publishing is measured against a real reader."""
+
+    sub: Subscriber
+    received: int = 0
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            item = self.sub.receive(0.1)
+            if item is not None and item.topic.startswith("verdict."):
+                self.received += 1
+
+
+def _free_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+class Bench:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def _publisher(self) -> tuple[VerdictPublisher, _Drain, threading.Event, threading.Thread]:
+        endpoint = _free_endpoint()  # each measurement its own port: a closed socket lingers on its own
+        publisher = VerdictPublisher(endpoint, "bench", uuid.uuid4().hex)
+        drain = _Drain(Subscriber(endpoint, station="bench"))
+        stop = threading.Event()
+        thread = threading.Thread(target=drain.run, args=(stop,), daemon=True)
+        thread.start()
+        publisher.wait_for_subscribers(1, 10.0)
+        return publisher, drain, stop, thread
+
+    def _close(self, publisher: VerdictPublisher, drain: _Drain, stop: threading.Event,
+               thread: threading.Thread) -> None:
+        stop.set()
+        thread.join()
+        drain.sub.close()
+        publisher.close()
+
+    def stages(self, pngs: list[bytes], images: list[np.ndarray]) -> dict[str, dict[str, float]]:
+        """Each stage timed on its own, frame by frame."""
+        per: dict[str, list[float]] = {s: [] for s in STAGES}
+        for data in pngs:
+            t0 = time.perf_counter()
+            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            per["decode"].append((time.perf_counter() - t0) * 1e3)
+        publisher, drain, stop, thread = self._publisher()
+        try:
+            for seq, image in enumerate(images):
+                frame = Frame(seq, f"mem/{seq}", "bench", time.time(), time.monotonic(), image=image)
+                verdict = self.pipeline.process(frame)
+                t0 = time.perf_counter()
+                publisher.publish(verdict)
+                per["publish"].append((time.perf_counter() - t0) * 1e3)
+                for stage, ms in verdict.latency_ms.items():
+                    if stage in per:
+                        per[stage].append(ms)
+                per["total"].append(sum(verdict.latency_ms.get(s, 0.0) for s in STAGES[1:6]) + per["publish"][-1])
+        finally:
+            self._close(publisher, drain, stop, thread)
+        return {stage: summarise(v) for stage, v in per.items()}
+
+    def bare_inference(self, images: list[np.ndarray]) -> float:
+        """Frames per second of the two models alone, on inputs preprocessed beforehand."""
+        inspector = self.pipeline.inspector
+        inputs = [preprocess(image, inspector.preprocess_spec) for image in images]
+        t0 = time.perf_counter()
+        for x in inputs:
+            inspector.inspect(x)
+        return len(inputs) / (time.perf_counter() - t0)
+
+    def naive_loop(self, folder: Path) -> float:
+        """read → decode → preprocess → infer → decide → publish, one frame at a time, no threads."""
+        paths = sorted(folder.iterdir())
+        publisher, drain, stop, thread = self._publisher()
+        try:
+            t0 = time.perf_counter()
+            for seq, path in enumerate(paths):
+                publisher.publish(self.pipeline.process(load_frame(path, seq, folder, "bench", None)))
+            fps = len(paths) / (time.perf_counter() - t0)
+        finally:
+            self._close(publisher, drain, stop, thread)
+        return fps
+
+    def station(self, source: Any) -> tuple[float, list[float], dict[str, int]]:
+        """The station's own threads and queues: (verdicts per second, total latencies, counters)."""
+        publisher, drain, stop, thread = self._publisher()
+        latencies: list[float] = []
+
+        def sink(verdict: Any, _message: dict[str, Any]) -> None:
+            if verdict.verdict != "skipped":
+                latencies.append(verdict.latency_ms["total"])
+
+        try:
+            station = Station(self.pipeline, source, "bench", publisher.run_id, publisher, [sink])
+            t0 = time.perf_counter()
+            counters = station.run(threading.Event())
+            elapsed = time.perf_counter() - t0
+        finally:
+            self._close(publisher, drain, stop, thread)
+        return counters.published / elapsed, latencies, counters.snapshot()
+
+
+def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float) -> dict[str, Any]:
+    bench = Bench(pipeline)
+    workdir = Path(tempfile.mkdtemp(prefix="station-bench-"))
+    try:
+        pngs = []
+        for n, image in enumerate(images):
+            ok, buf = cv2.imencode(".png", image)
+            if not ok:
+                raise DatasetError("PNG encoding failed")
+            pngs.append(bytes(buf))
+            (workdir / f"{n:05d}.png").write_bytes(pngs[-1])
+        stages = bench.stages(pngs, images)
+        bare = bench.bare_inference(images)
+        naive = bench.naive_loop(workdir)
+        memory_fps, memory_lat, _ = bench.station(MemorySource(images))
+        replay_fps, _, _ = bench.station(FolderReplaySource(workdir, pipeline.bundle.manifest.classes))
+        _, offered_lat, offered_counters = bench.station(MemorySource(images, rate=rate))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "frames": len(images),
+        "image_size": list(images[0].shape),
+        "stages_ms": stages,
+        "throughput_fps": {
+            "bare_inference": bare,
+            "naive_loop_png": naive,
+            "station_memory": memory_fps,
+            "station_png_replay": replay_fps,
+        },
+        "ratios": {
+            "station_memory_vs_bare_inference": memory_fps / bare,
+            "station_png_replay_vs_naive_loop": replay_fps / naive,
+        },
+        "offered": {
+            "rate_fps": rate,
+            "latency_ms": summarise(offered_lat),
+            "skipped": offered_counters["skipped"],
+            "published": offered_counters["published"],
+        },
+        "station_memory_latency_ms": summarise(memory_lat),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"{r['frames']} frames of {r['image_size'][1]}×{r['image_size'][0]}; model {r['model']}, "
+             f"backend {r['backend']}, threads {r['threads']}; {r['machine']}",
+             "", f"{'stage':<12}{'mean ms':>9}{'p50 ms':>9}{'p99 ms':>9}"]
+    for stage, s in r["stages_ms"].items():
+        lines.append(f"{stage:<12}{s['mean']:>9.2f}{s['p50']:>9.2f}{s['p99']:>9.2f}")
+    t = r["throughput_fps"]
+    lines += ["", f"{'throughput':<34}{'frames/s':>9}",
+              f"{'bare inference (models only)':<34}{t['bare_inference']:>9.1f}",
+              f"{'naive sequential loop, PNG files':<34}{t['naive_loop_png']:>9.1f}",
+              f"{'station, in-memory camera frames':<34}{t['station_memory']:>9.1f}",
+              f"{'station, PNG files replayed':<34}{t['station_png_replay']:>9.1f}",
+              "",
+              f"station in-memory / bare inference: {r['ratios']['station_memory_vs_bare_inference']:.2f}×",
+              f"station PNG replay / naive loop:    {r['ratios']['station_png_replay_vs_naive_loop']:.2f}×"]
+    o = r["offered"]
+    lat = o["latency_ms"]
+    lines += ["", f"offered {o['rate_fps']:g} frames/s: latency p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
+              f"skipped {o['skipped']} of {o['published']}"]
+    return "\n".join(lines)
