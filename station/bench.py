@@ -106,8 +106,9 @@ def _free_endpoint() -> str:
 
 
 class Bench:
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, workers: int) -> None:
         self.pipeline = pipeline
+        self.workers = workers
 
     def _publisher(self) -> tuple[VerdictPublisher, _Drain, threading.Event, threading.Thread]:
         endpoint = _free_endpoint()  # each measurement its own port: a closed socket lingers on its own
@@ -149,13 +150,22 @@ class Bench:
             self._close(publisher, drain, stop, thread)
         return {stage: summarise(v) for stage, v in per.items()}
 
-    def bare_inference(self, images: list[np.ndarray]) -> float:
-        """Frames per second of the two models alone, on inputs preprocessed beforehand."""
+    def bare_inference(self, images: list[np.ndarray], streams: int) -> float:
+        """Frames per second of the two models alone, on inputs preprocessed beforehand,
+        run back to back by ``streams`` threads sharing the sessions."""
         inspector = self.pipeline.inspector
         inputs = [preprocess(image, inspector.preprocess_spec) for image in images]
+
+        def work(part: list[Any]) -> None:
+            for x in part:
+                inspector.inspect(x)
+
+        threads = [threading.Thread(target=work, args=(inputs[k::streams],)) for k in range(streams)]
         t0 = time.perf_counter()
-        for x in inputs:
-            inspector.inspect(x)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         return len(inputs) / (time.perf_counter() - t0)
 
     def naive_loop(self, folder: Path) -> float:
@@ -181,7 +191,8 @@ class Bench:
                 latencies.append(verdict.latency_ms["total"])
 
         try:
-            station = Station(self.pipeline, source, "bench", publisher.run_id, publisher, [sink])
+            station = Station(self.pipeline, source, "bench", publisher.run_id, publisher, [sink],
+                              workers=self.workers)
             t0 = time.perf_counter()
             counters = station.run(threading.Event())
             elapsed = time.perf_counter() - t0
@@ -190,8 +201,8 @@ class Bench:
         return counters.published / elapsed, latencies, counters.snapshot()
 
 
-def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float) -> dict[str, Any]:
-    bench = Bench(pipeline)
+def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers: int) -> dict[str, Any]:
+    bench = Bench(pipeline, workers)
     workdir = Path(tempfile.mkdtemp(prefix="station-bench-"))
     try:
         pngs = []
@@ -202,7 +213,8 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float) -> dict
             pngs.append(bytes(buf))
             (workdir / f"{n:05d}.png").write_bytes(pngs[-1])
         stages = bench.stages(pngs, images)
-        bare = bench.bare_inference(images)
+        bare = bench.bare_inference(images, 1)
+        bare_parallel = bench.bare_inference(images, workers)
         naive = bench.naive_loop(workdir)
         memory_fps, memory_lat, _ = bench.station(MemorySource(images))
         replay_fps, _, _ = bench.station(FolderReplaySource(workdir, pipeline.bundle.manifest.classes))
@@ -215,12 +227,14 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float) -> dict
         "stages_ms": stages,
         "throughput_fps": {
             "bare_inference": bare,
+            "bare_inference_parallel": bare_parallel,
             "naive_loop_png": naive,
             "station_memory": memory_fps,
             "station_png_replay": replay_fps,
         },
         "ratios": {
             "station_memory_vs_bare_inference": memory_fps / bare,
+            "station_memory_vs_bare_inference_parallel": memory_fps / bare_parallel,
             "station_png_replay_vs_naive_loop": replay_fps / naive,
         },
         "offered": {
@@ -235,18 +249,22 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float) -> dict
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['frames']} frames of {r['image_size'][1]}×{r['image_size'][0]}; model {r['model']}, "
-             f"backend {r['backend']}, threads {r['threads']}; {r['machine']}",
+             f"backend {r['backend']}, {r['workers']} workers × {r['threads']} threads; {r['machine']}",
              "", f"{'stage':<12}{'mean ms':>9}{'p50 ms':>9}{'p99 ms':>9}"]
     for stage, s in r["stages_ms"].items():
         lines.append(f"{stage:<12}{s['mean']:>9.2f}{s['p50']:>9.2f}{s['p99']:>9.2f}")
     t = r["throughput_fps"]
     lines += ["", f"{'throughput':<34}{'frames/s':>9}",
-              f"{'bare inference (models only)':<34}{t['bare_inference']:>9.1f}",
+              f"{'bare inference, 1 thread':<34}{t['bare_inference']:>9.1f}",
+              f"{'bare inference, ' + str(r['workers']) + ' threads':<34}{t['bare_inference_parallel']:>9.1f}",
               f"{'naive sequential loop, PNG files':<34}{t['naive_loop_png']:>9.1f}",
               f"{'station, in-memory camera frames':<34}{t['station_memory']:>9.1f}",
               f"{'station, PNG files replayed':<34}{t['station_png_replay']:>9.1f}",
               "",
-              f"station in-memory / bare inference: {r['ratios']['station_memory_vs_bare_inference']:.2f}×",
+              f"station in-memory / bare inference, 1 thread: "
+              f"{r['ratios']['station_memory_vs_bare_inference']:.2f}×",
+              f"station in-memory / bare inference, {r['workers']} threads: "
+              f"{r['ratios']['station_memory_vs_bare_inference_parallel']:.2f}×",
               f"station PNG replay / naive loop:    {r['ratios']['station_png_replay_vs_naive_loop']:.2f}×"]
     o = r["offered"]
     lat = o["latency_ms"]

@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wait-timeout", type=_positive_float, default=30.0, metavar="S")
     r.add_argument("--rate", type=_positive_float, default=None, metavar="FPS", help="pace frames at FPS")
     r.add_argument("--station-id", default="replay")
-    r.add_argument("--threads", type=_positive_int, default=0, help="inference threads (0: ONNX Runtime default)")
+    r.add_argument("--workers", type=int, default=0, help="inspection workers (0: one per usable core)")
+    r.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per model session (0: the cores shared out among the workers)")
 
     e = sub.add_parser("evaluate", help="score a bundle on labelled images: metrics, plots, HTML report")
     e.add_argument("--model", type=Path, required=True)
@@ -120,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bottles rendered in memory (default) or the images of a folder")
     b.add_argument("--frames", type=_positive_int, default=300)
     b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
-    b.add_argument("--threads", type=int, default=0, help="inference threads (0: ONNX Runtime default)")
+    b.add_argument("--workers", type=int, default=0, help="inspection workers (0: one per usable core)")
+    b.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads per model session (0: the cores shared out among the workers)")
     b.add_argument("--rate", type=_positive_float, default=20.0, metavar="FPS",
                    help="offered frame rate for the latency measurement")
     b.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
@@ -257,6 +261,7 @@ class JsonlSink:
 def cmd_replay(args: argparse.Namespace) -> int:
     import structlog
 
+    from station import parallelism
     from station.bundle import load_bundle
     from station.daemon import Station
     from station.pipeline import Pipeline
@@ -267,7 +272,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     log = structlog.get_logger("station.replay")
     bundle = load_bundle(args.model)
     source = FolderReplaySource(args.source, bundle.manifest.classes, rate=args.rate)
-    pipeline = Pipeline(bundle, threads=args.threads)
+    plan = parallelism.plan(args.workers, args.threads)
+    parallelism.apply(plan)
+    pipeline = Pipeline(bundle, threads=plan.threads_per_session)
     pipeline.warm_up()
     run_id = uuid.uuid4().hex
     publisher = VerdictPublisher(args.publish, args.station_id, run_id) if args.publish else None
@@ -289,7 +296,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 )
         log.info("replay_start", source=source.describe(), model=bundle.label, run_id=run_id)
         collector.restart_clock()
-        station = Station(pipeline, source, args.station_id, run_id, publisher, sinks)
+        station = Station(pipeline, source, args.station_id, run_id, publisher, sinks, workers=plan.workers)
         counters = station.run(stop)
     finally:
         if jsonl:
@@ -371,11 +378,13 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 
 def _build_pipeline(config: Any) -> Any:
+    from station import parallelism
     from station.bundle import load_bundle
     from station.pipeline import Pipeline
 
+    plan = parallelism.plan(config.inference.workers, config.inference.threads)
     pipeline = Pipeline(
-        load_bundle(config.model), backend=config.inference.backend, threads=config.inference.threads,
+        load_bundle(config.model), backend=config.inference.backend, threads=plan.threads_per_session,
         class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
     )
     pipeline.warm_up()
@@ -385,6 +394,7 @@ def _build_pipeline(config: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
+    from station import parallelism
     from station.archive import RejectArchive
     from station.config import load_config
     from station.daemon import Station
@@ -421,8 +431,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     notifier = Notifier()
     metrics: StationMetrics | None = None
+    plan = parallelism.plan(config.inference.workers, config.inference.threads)
+    parallelism.apply(plan)
     station = Station(pipeline, source, config.station_id, run_id, publisher, sinks,
-                      queue_size=config.inference.queue_size,
+                      queue_size=config.inference.queue_size, workers=plan.workers,
                       heartbeat_interval_s=config.publish.heartbeat_interval_s,
                       notifier=notifier, watchdog_interval_s=watchdog_interval_s(), reloader=reload)
 
@@ -481,12 +493,15 @@ def _machine() -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from station import parallelism
     from station.bench import folder_images, format_report, run_bench, synth_images
     from station.bundle import load_bundle
     from station.pipeline import Pipeline
 
     bundle = load_bundle(args.model)
-    pipeline = Pipeline(bundle, backend=args.backend, threads=args.threads)
+    plan = parallelism.plan(args.workers, args.threads)
+    parallelism.apply(plan)
+    pipeline = Pipeline(bundle, backend=args.backend, threads=plan.threads_per_session)
     pipeline.warm_up()
     if args.source == "synth":
         print(f"bench: rendering {args.frames} bottles", file=sys.stderr)
@@ -494,8 +509,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         images = folder_images(Path(args.source), args.frames)
     print("bench: measuring", file=sys.stderr)
-    report = run_bench(pipeline, images, args.rate)
-    report.update(model=bundle.label, backend=args.backend, threads=args.threads, machine=_machine(),
+    report = run_bench(pipeline, images, args.rate, plan.workers)
+    report.update(model=bundle.label, backend=args.backend, workers=plan.workers,
+                  threads=plan.threads_per_session, machine=_machine(),
                   source=args.source)
     print(format_report(report))
     if args.json:

@@ -118,6 +118,9 @@ class DecisionConfig(_Strict):
 
 class InferenceConfig(_Strict):
     backend: Literal["onnxruntime"] = "onnxruntime"
+    #: inspection workers; 0: one per usable core (station/parallelism.py says why)
+    workers: int = Field(default=0, ge=0, le=64)
+    #: intra-op threads of each model session; 0: the cores shared out among the workers
     threads: int = Field(default=0, ge=0, le=256)
     queue_size: int = Field(default=8, ge=1, le=10_000)
 

@@ -3,6 +3,11 @@
 Every captured frame is accounted for: it gets a verdict, or, when inspection
 cannot keep up with a live source, an explicit ``skipped`` verdict (reason
 ``overload``). ``captured == published`` when the run ends.
+
+Inspection runs in ``workers`` threads (decode, preprocessing and both models
+release the GIL, so on N cores N workers inspect N frames at once); verdicts
+are published in capture order whatever order the workers finish in, so a
+reject gate that counts bottles is never handed them out of order.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import structlog
 
 from station.decide import FAIL, PASS, SKIPPED
 from station.errors import StationError
-from station.frame import Frame
 from station.pipeline import REASON_INFERENCE, Pipeline
 from station.publish import VerdictPublisher
 from station.sdnotify import Notifier
@@ -63,6 +67,7 @@ class Station:
         watchdog_interval_s: float | None = None,
         reloader: Callable[[], Pipeline] | None = None,
         on_verdict: Callable[[Verdict], None] | None = None,
+        workers: int = 1,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
@@ -77,6 +82,7 @@ class Station:
         self.counters = Counters()
         self.state = "starting"
         self.source_error: StationError | None = None
+        self.workers = max(1, workers)
         self._inspect_q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._publish_q: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
@@ -94,21 +100,22 @@ class Station:
     # -- threads ---------------------------------------------------------
 
     def _capture(self, stop: threading.Event) -> None:
+        index = 0  # capture order: the order verdicts are published in
         try:
             for frame in self.source.frames(stop):
                 with self._lock:
                     self.counters.captured += 1
                 skip_reason = frame.meta.get(SKIP_REASON)
                 if skip_reason is not None:  # dropped by the camera layer: accounted for, not inspected
-                    self._publish_q.put(skipped_verdict(frame, self.pipeline.model, skip_reason))
-                    continue
-                if not self.skip_when_busy:
-                    self._inspect_q.put(frame)
-                    continue
-                try:
-                    self._inspect_q.put_nowait(frame)
-                except queue.Full:
-                    self._publish_q.put(skipped_verdict(frame, self.pipeline.model))
+                    self._publish_q.put((index, skipped_verdict(frame, self.pipeline.model, skip_reason)))
+                elif not self.skip_when_busy:
+                    self._inspect_q.put((index, frame))
+                else:
+                    try:
+                        self._inspect_q.put_nowait((index, frame))
+                    except queue.Full:
+                        self._publish_q.put((index, skipped_verdict(frame, self.pipeline.model)))
+                index += 1
         except StationError as exc:
             self.source_error = exc
             log.error("source_failed", source=self.source.describe(), error=str(exc))
@@ -118,7 +125,8 @@ class Station:
             log.exception("source_crashed", source=self.source.describe())
             stop.set()
         finally:
-            self._inspect_q.put(_END)
+            for _ in range(self.workers):
+                self._inspect_q.put(_END)
 
     def _inspect(self) -> None:
         while True:
@@ -126,14 +134,14 @@ class Station:
             if item is _END:
                 self._publish_q.put(_END)
                 return
-            frame: Frame = item
+            index, frame = item
             pipeline = self.pipeline  # a reload swaps it between frames, never during one
             try:
                 verdict = pipeline.process(frame)
             except Exception as exc:  # fail-safe: never lose the frame
                 log.exception("inspection_crashed", frame_id=frame.frame_id)
                 verdict = error_verdict(frame, REASON_INFERENCE, repr(exc), pipeline.model)
-            self._publish_q.put(verdict)
+            self._publish_q.put((index, verdict))
 
     # -- publishing (runs in the caller's thread) --------------------------
 
@@ -243,15 +251,20 @@ class Station:
         """Run until the source ends (replay) or ``stop`` is set; drain; return the counters."""
         self._started = time.monotonic()
         capture = threading.Thread(target=self._capture, args=(stop,), name="capture", daemon=True)
-        inspect = threading.Thread(target=self._inspect, name="inspect", daemon=True)
+        inspectors = [threading.Thread(target=self._inspect, name=f"inspect-{n}", daemon=True)
+                      for n in range(self.workers)]
         self.state = "running"
-        log.info("station_running", source=self.source.describe(), run_id=self.run_id)
+        log.info("station_running", source=self.source.describe(), run_id=self.run_id, workers=self.workers)
         capture.start()
-        inspect.start()
+        for thread in inspectors:
+            thread.start()
         self.notifier.ready(self._status_line())
         tick = min(self.heartbeat_interval_s, self.watchdog_interval_s or self.heartbeat_interval_s)
         next_beat = next_tick = time.monotonic()
-        while True:
+        ended = 0  # workers that have finished
+        waiting: dict[int, Verdict] = {}  # verdicts that finished before an earlier frame's
+        next_index = 0
+        while ended < self.workers:
             now = time.monotonic()
             if self.reload_requested.is_set():
                 self._start_reload()
@@ -271,13 +284,23 @@ class Station:
             except queue.Empty:
                 continue
             if item is _END:
-                break
-            self._emit(item)
+                ended += 1
+                continue
+            index, verdict = item
+            waiting[index] = verdict
+            while next_index in waiting:
+                self._emit(waiting.pop(next_index))
+                next_index += 1
+        if waiting:  # a gap in capture order would be a bug here; publish rather than lose them
+            log.error("publish_order_gap", expected=next_index, waiting=sorted(waiting))
+            for index in sorted(waiting):
+                self._emit(waiting.pop(index))
         if stop.is_set() and self.state == "running":  # stopped between two checks of the loop
             self.state = "stopping"
             self.notifier.stopping()
         capture.join()
-        inspect.join()
+        for thread in inspectors:
+            thread.join()
         if self._reload_thread is not None:
             self._reload_thread.join()
         self.state = "stopped"

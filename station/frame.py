@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,3 +30,12 @@ class Frame:
     error: FrameError | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
+    #: decodes the image on first use: a replayed file is read by the capture thread but decoded by
+    #: an inspection worker, so decoding spreads over the workers instead of bounding throughput
+    loader: Callable[[Frame], None] | None = None
+
+    def load(self) -> None:
+        """Run the deferred decode, if any; afterwards ``image`` or ``error`` is set."""
+        loader, self.loader = self.loader, None
+        if loader is not None:
+            loader(self)

@@ -40,6 +40,7 @@ class Pipeline:
         self.inspector.warm_up()
 
     def process(self, frame: Frame) -> Verdict:
+        frame.load()
         if frame.error is not None:
             return error_verdict(frame, frame.error.reason, frame.error.detail, self.model)
         if frame.image is None:

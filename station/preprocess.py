@@ -109,8 +109,10 @@ def locate_mouth(view: np.ndarray, spec: PreprocessSpec) -> Mouth:
     """The rim's enclosing circle: robust to a missing piece of rim and to specks inside."""
     size = view.shape[0]
     scale = size / _LOCATE_SIDE
-    small = cv2.resize(view, (_LOCATE_SIDE, _LOCATE_SIDE), interpolation=cv2.INTER_AREA)
-    gray = cv2.GaussianBlur(cv2.cvtColor(small, cv2.COLOR_BGR2GRAY), (5, 5), 0)
+    # Gray first: a third of the pixels to shrink (station bench: 2.6 → 1.2 ms).
+    gray = cv2.resize(cv2.cvtColor(view, cv2.COLOR_BGR2GRAY), (_LOCATE_SIDE, _LOCATE_SIDE),
+                      interpolation=cv2.INTER_AREA)
+    gray = cv2.GaussianBlur(gray, (5, 5), 0)
     _, mask = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -132,30 +134,40 @@ def locate_mouth(view: np.ndarray, spec: PreprocessSpec) -> Mouth:
 def polar_view(view: np.ndarray, mouth: Mouth, spec: PreprocessSpec) -> np.ndarray:
     """(angle_bins, radius_bins, 3) BGR uint8 unwrapping of the mouth.
 
-    The view is first shrunk so one radius bin is about one pixel: resampling
-    with INTER_AREA there avoids the aliasing a direct polar warp of the full
-    image would give.
+    The square around the mouth is first shrunk so one radius bin is about one
+    pixel: resampling with INTER_AREA there avoids the aliasing a direct polar
+    warp of the full image would give. Only that square is shrunk, not the
+    whole view (station bench: 5.9 → 2.4 ms).
     """
     outer = mouth.radius * spec.radius_margin
     f = spec.radius_bins / outer
     size = view.shape[0]
-    small_side = max(1, round(size * f))
-    small = cv2.resize(view, (small_side, small_side), interpolation=cv2.INTER_AREA)
-    f_actual = small_side / size
-    centre = ((mouth.cx + 0.5) * f_actual - 0.5, (mouth.cy + 0.5) * f_actual - 0.5)
+    x0 = max(0, int(np.floor(mouth.cx - outer)) - 1)
+    y0 = max(0, int(np.floor(mouth.cy - outer)) - 1)
+    x1 = min(size, int(np.ceil(mouth.cx + outer)) + 2)
+    y1 = min(size, int(np.ceil(mouth.cy + outer)) + 2)
+    crop = view[y0:y1, x0:x1]
+    small_w = max(1, round((x1 - x0) * f))
+    small_h = max(1, round((y1 - y0) * f))
+    small = cv2.resize(crop, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    fx, fy = small_w / (x1 - x0), small_h / (y1 - y0)
+    centre = ((mouth.cx - x0 + 0.5) * fx - 0.5, (mouth.cy - y0 + 0.5) * fy - 0.5)
     polar = cv2.warpPolar(
-        small, (spec.radius_bins, spec.angle_bins), centre, outer * f_actual,
+        small, (spec.radius_bins, spec.angle_bins), centre, outer * (fx + fy) / 2,
         cv2.INTER_LINEAR + cv2.WARP_FILL_OUTLIERS,
     )
     return np.asarray(polar)
 
 
 def normalise(polar_bgr: np.ndarray, norm: Normalisation) -> np.ndarray:
-    rgb = cv2.cvtColor(polar_bgr, cv2.COLOR_BGR2RGB).astype(np.float32)
-    rgb *= 1.0 / 255.0
-    rgb -= np.asarray(norm.mean, dtype=np.float32)
-    rgb /= np.asarray(norm.std, dtype=np.float32)
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
+    """(1, 3, H, W) float32 RGB: (pixel / 255 − mean) / std, as one multiply-add per channel."""
+    rgb = cv2.cvtColor(polar_bgr, cv2.COLOR_BGR2RGB).transpose(2, 0, 1).astype(np.float32, order="C")
+    std = np.asarray(norm.std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+    offset = (-np.asarray(norm.mean, dtype=np.float32) / std).reshape(3, 1, 1)
+    rgb *= scale
+    rgb += offset
+    return rgb[None]
 
 
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> ModelInputs:

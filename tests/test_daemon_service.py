@@ -178,7 +178,9 @@ def test_overload_skips_visibly_and_accounts_for_every_frame(bundle: Path, eval_
             for img in sorted(cls.iterdir()):
                 shutil.copy(img, incoming / f"{n:03d}.png")
                 n += 1
-    config = _config(tmp_path, bundle, endpoint, inference={"queue_size": 1})
+    # The frames are there before the station starts: hold them until the subscriber is connected.
+    config = _config(tmp_path, bundle, endpoint, inference={"queue_size": 1},
+                     publish={"endpoint": endpoint, "heartbeat_interval_s": 0.2, "wait_subscribers": 1})
     proc = subprocess.Popen(station_cmd("run", "--config", str(config)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     sub = Subscriber(endpoint, station="cam1")

@@ -39,10 +39,13 @@ def test_training_and_serving_tensors_are_identical(bundle: Path, synth_root: Pa
     items = labelled_pool(synth_root)[:6]
     x_cls, x_ae, _ = tensors(items, spec, BOTTLE_CLASSES)
 
-    # The serving path: the replay source decodes, the pipeline's preprocess makes tensors.
+    # The serving path: the replay source lists, the worker decodes (Frame.load, as Pipeline.process
+    # does), the pipeline's preprocess makes tensors.
     served = {}
     for root in {i.path.parent for i in items}:
         for frame in FolderReplaySource(root, BOTTLE_CLASSES).frames(threading.Event()):
+            assert frame.image is None, "replay defers decoding to the inspection workers"
+            frame.load()
             assert frame.image is not None
             served[frame.meta["path"]] = preprocess(frame.image, spec)
     for n, item in enumerate(items):

@@ -13,25 +13,32 @@ from station.imageio import read_image
 from station.mvtec import is_labelled_folder, label_of, list_candidate_files
 
 
-def load_frame(path: Path, seq: int, root: Path, source: str, label: str | None) -> Frame:
-    """Decode ``path`` into a Frame; an unreadable file becomes a Frame carrying the error."""
-    captured_at = time.time()
-    mono = time.monotonic()
+def _decode(frame: Frame) -> None:
+    t0 = time.perf_counter()
+    try:
+        frame.image = read_image(Path(frame.meta["path"]))
+    except FrameError as exc:
+        frame.error = exc
+    frame.latency_ms["decode"] = (time.perf_counter() - t0) * 1e3
+
+
+def load_frame(path: Path, seq: int, root: Path, source: str, label: str | None, lazy: bool = False) -> Frame:
+    """``path`` as a Frame; an unreadable file becomes a Frame carrying the error.
+
+    ``lazy``: decode when the frame is inspected (Frame.load), not now.
+    """
     frame = Frame(
         seq=seq,
         frame_id=path.relative_to(root).as_posix(),
         source=source,
-        captured_at=captured_at,
-        captured_mono=mono,
+        captured_at=time.time(),
+        captured_mono=time.monotonic(),
         label=label,
         meta={"path": str(path)},
+        loader=_decode,
     )
-    t0 = time.perf_counter()
-    try:
-        frame.image = read_image(path)
-    except FrameError as exc:
-        frame.error = exc
-    frame.latency_ms["decode"] = (time.perf_counter() - t0) * 1e3
+    if not lazy:
+        frame.load()
     return frame
 
 
@@ -67,7 +74,7 @@ class FolderReplaySource:
                 if delay > 0 and stop.wait(delay):
                     return
             label = label_of(path, self.root, self.classes) if self.labelled else None
-            yield load_frame(path, seq, self.root, source, label)
+            yield load_frame(path, seq, self.root, source, label, lazy=True)
 
 
 class WatchedFolderSource:
@@ -120,7 +127,7 @@ class WatchedFolderSource:
             )
             for p in ready:
                 self._seen.add(p)
-                yield load_frame(p, seq, self.path, source, None)
+                yield load_frame(p, seq, self.path, source, None, lazy=True)
                 seq += 1
             pending = {p: sig for p, sig in current.items() if p not in self._seen}
             stop.wait(self.poll_interval_s)
