@@ -49,7 +49,8 @@ def test_scrape_counts_every_verdict_by_result_and_class(bundle: Path, eval_root
     assert {k: v for k, v in m.items() if k.startswith("station_verdicts_total")} == by_key
     assert m['station_verdict_reasons_total{reason="unreadable_image"}'] == 1
     assert m['station_frames_total{outcome="published"}'] == len(verdicts)
-    assert m['station_stage_latency_seconds_count{stage="autoencoder"}'] == len(images)
+    inspected = sum(v["class"] is not None for v in verdicts)  # a burst of files may skip some (overload)
+    assert m['station_stage_latency_seconds_count{stage="autoencoder"}'] == inspected
     assert m['station_stage_latency_seconds_count{stage="total"}'] == len(verdicts)
     assert m['station_queue_depth{queue="inspect"}'] == 0
     assert m['station_model_info{name="tiny",version="' + verdicts[0]["model"]["version"] + '"}'] == 1
