@@ -61,6 +61,9 @@ class ModelFile(_Strict):
     arch: str
     inputs: tuple[str, ...] = ("input",)  # in the order the inspector feeds them
     output: str
+    #: classifier: probabilities averaged over this many evenly spaced turns of the bottle (exact
+    #: circular shifts of the polar view's rows), run as one batch; 1 for older bundles
+    rotations: int = Field(default=1, ge=1, le=16)
 
 
 class AnomalyManifest(_Strict):

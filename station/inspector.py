@@ -42,6 +42,7 @@ class Inspector:
         )
         # The classifier may take the anomaly map as evidence beside the image.
         self._classifier_takes_map = len(m.models["classifier"].inputs) == 2
+        self.rotations = m.models["classifier"].rotations
 
     def warm_up(self, runs: int = 2) -> None:
         """Run both models on blank inputs so the first bottle does not pay for lazy init."""
@@ -55,10 +56,14 @@ class Inspector:
         t0 = time.perf_counter()
         error_map = self.autoencoder.run(inputs.autoencoder)
         t1 = time.perf_counter()
-        if self._classifier_takes_map:
-            probs = self.classifier.run(inputs.classifier, error_map)
+        batches = [inputs.classifier, error_map] if self._classifier_takes_map else [inputs.classifier]
+        if self.rotations > 1:
+            # A turned bottle is a circular shift of the angle rows: the same bottle, seen turned.
+            batches = [np.concatenate([np.roll(b, k * b.shape[2] // self.rotations, axis=2)
+                                       for k in range(self.rotations)]) for b in batches]
+            probs = self.classifier.run(*batches).mean(axis=0, keepdims=True)
         else:
-            probs = self.classifier.run(inputs.classifier)
+            probs = self.classifier.run(*batches)
         t2 = time.perf_counter()
         if probs.shape != (1, len(self.classes)):
             raise BackendError(

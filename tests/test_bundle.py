@@ -70,3 +70,26 @@ def test_bundle_without_calibration_scores_is_refused(bundle: Path, eval_root: P
     proc = run_station("replay", "--model", str(broken), "--source", str(eval_root))
     assert proc.returncode == 2
     assert "anomaly_scores.json" in proc.stderr and "missing" in proc.stderr
+
+
+def test_classifier_rotations_average_the_turned_bottle(bundle: Path, eval_root: Path) -> None:
+    """rotations: 2 in the manifest: the probabilities are the mean over the bottle and the bottle turned 180°."""
+    import numpy as np
+
+    from station.bundle import load_bundle
+    from station.inspector import Inspector
+    from station.preprocess import preprocess
+    from station.sources.folder import load_frame
+
+    b = load_bundle(bundle)
+    assert b.manifest.models["classifier"].rotations == 2  # what training writes
+    inspector = Inspector(b)
+    image = load_frame(next((eval_root / "broken_small").iterdir()), 0, eval_root, "test", None).image
+    assert image is not None
+    x = preprocess(image, inspector.preprocess_spec)
+    probs = inspector.inspect(x).probabilities
+    amap = inspector.autoencoder.run(x.autoencoder)
+    turned = [inspector.classifier.run(np.roll(x.classifier, k * 256, axis=2), np.roll(amap, k * 128, axis=2))[0]
+              for k in (0, 1)]
+    assert np.allclose(probs, np.mean(turned, axis=0), atol=1e-6)
+    assert not np.allclose(turned[0], turned[1]), "the two turns are different inputs"

@@ -62,6 +62,10 @@ TOP_K_FRACTION = 0.002
 #: The rim's enclosing circle is the outer edge of the glass; a little beyond it for a located circle
 #: that is off by a few pixels, and the rest of the polar view's margin (1.08) is background.
 MASK_RADIUS = 1.03
+#: Serving averages the classifier over the bottle turned 0° and 180° (one batch of 2): on the two
+#: independent 120-image sets, 4-class accuracy 94.2 / 95.8 % → 95.8 / 95.8 %; 4 turns gave 95.8 / 96.7 %
+#: for twice the classifier time again.
+CLASSIFIER_ROTATIONS = 2
 BALANCE_MODES = ("weighted", "sampler", "logit-adjust", "none")
 AE_POOL = 2
 
@@ -367,7 +371,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         inputs=inputs,
         models={
             "classifier": ModelFile(file="classifier.onnx", arch=opts.backbone, inputs=cls_inputs,
-                                    output="probabilities"),
+                                    output="probabilities", rotations=CLASSIFIER_ROTATIONS),
             "autoencoder": ModelFile(file="autoencoder.onnx", arch=AUTOENCODER_ARCH, inputs=(INPUT_NAME,),
                                      output="anomaly_map"),
         },
