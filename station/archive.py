@@ -163,10 +163,11 @@ class RejectArchive:
 
     def _write(self, verdict: Verdict, message: dict[str, Any]) -> None:
         self.prune()
-        if self._free_bytes() < self.config.min_free_bytes:
+        free = self._free_bytes()
+        if free < self.config.min_free_bytes:
             with self._lock:
                 self.stats.skipped_low_disk += 1
-            log.warning("archive_low_disk", free_bytes=self._free_bytes(), min_free_bytes=self.config.min_free_bytes)
+            log.warning("archive_low_disk", free_bytes=free, min_free_bytes=self.config.min_free_bytes)
             return
         now = time.time()
         day = self.root / time.strftime("%Y-%m-%d", time.gmtime(now))

@@ -377,14 +377,12 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _build_pipeline(config: Any) -> Any:
-    from station import parallelism
+def _build_pipeline(config: Any, threads_per_session: int) -> Any:
     from station.bundle import load_bundle
     from station.pipeline import Pipeline
 
-    plan = parallelism.plan(config.inference.workers, config.inference.threads)
     pipeline = Pipeline(
-        load_bundle(config.model), backend=config.inference.backend, threads=plan.threads_per_session,
+        load_bundle(config.model), backend=config.inference.backend, threads=threads_per_session,
         class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
     )
     pipeline.warm_up()
@@ -408,7 +406,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level or config.log_level)
     log = structlog.get_logger("station.run")
     source = build_source(config.source)
-    pipeline = _build_pipeline(config)
+    # One plan for the run: workers are threads started once, so a reload keeps the sessions' threads too.
+    plan = parallelism.plan(config.inference.workers, config.inference.threads)
+    parallelism.apply(plan)
+    pipeline = _build_pipeline(config, plan.threads_per_session)
     manifest = pipeline.bundle.manifest
     archive = (RejectArchive(config.archive, manifest.canonical_size, manifest.view.radius_margin)
                if config.archive.path is not None else None)
@@ -427,12 +428,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for key in ("station_id", "source", "publish", "output", "metrics", "archive"):
             if getattr(new, key) != getattr(config, key):
                 log.warning("reload_needs_restart", key=key)
-        return _build_pipeline(new)
+        if (new.inference.workers, new.inference.threads) != (config.inference.workers, config.inference.threads):
+            log.warning("reload_needs_restart", key="inference.workers/threads")
+        return _build_pipeline(new, plan.threads_per_session)
 
     notifier = Notifier()
     metrics: StationMetrics | None = None
-    plan = parallelism.plan(config.inference.workers, config.inference.threads)
-    parallelism.apply(plan)
     station = Station(pipeline, source, config.station_id, run_id, publisher, sinks,
                       queue_size=config.inference.queue_size, workers=plan.workers,
                       heartbeat_interval_s=config.publish.heartbeat_interval_s,
