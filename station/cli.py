@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=0, help="inspection workers (0: one per usable core)")
     r.add_argument("--threads", type=int, default=0,
                    help="intra-op threads per model session (0: the cores shared out among the workers)")
+    _add_backend_args(r)
 
     e = sub.add_parser("evaluate", help="score a bundle on labelled images: metrics, plots, HTML report")
     e.add_argument("--model", type=Path, required=True)
@@ -121,14 +123,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", default="synth", metavar="synth|FOLDER",
                    help="bottles rendered in memory (default) or the images of a folder")
     b.add_argument("--frames", type=_positive_int, default=300)
-    b.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    _add_backend_args(b)
     b.add_argument("--workers", type=int, default=0, help="inspection workers (0: one per usable core)")
     b.add_argument("--threads", type=int, default=0,
                    help="intra-op threads per model session (0: the cores shared out among the workers)")
     b.add_argument("--rate", type=_positive_float, default=20.0, metavar="FPS",
                    help="offered frame rate for the latency measurement")
     b.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
+
+    g = sub.add_parser("build-engine", help="build TensorRT engines of a bundle for this GPU (cached in the bundle)")
+    g.add_argument("--model", type=Path, required=True)
+    g.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"])
+    g.add_argument("--calibration", type=Path, default=None, metavar="DIR",
+                   help="INT8: folder of bottle images from the line (good and defective) to calibrate on")
+    g.add_argument("--workspace-mb", type=_positive_int, default=1024, help="builder memory pool limit")
+    g.add_argument("--max-batch", type=_positive_int, default=0, metavar="N",
+                   help="also accept batches 1…N (default: the batch the station runs each model with)")
+    g.add_argument("--force", action="store_true", help="rebuild even when valid engines are cached")
     return p
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                   help="auto: TensorRT where a GPU and TensorRT are present, else ONNX Runtime (default)")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"],
+                   help="TensorRT engines to run (default fp16)")
+
+
+def _backend_spec(args: argparse.Namespace, plan: Any) -> Any:
+    from station.backends import BackendSpec
+
+    return BackendSpec(args.backend, threads=plan.threads_per_session, precision=args.precision,
+                       slots=plan.workers)
 
 
 # -- handlers -------------------------------------------------------------
@@ -274,7 +300,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     source = FolderReplaySource(args.source, bundle.manifest.classes, rate=args.rate)
     plan = parallelism.plan(args.workers, args.threads)
     parallelism.apply(plan)
-    pipeline = Pipeline(bundle, threads=plan.threads_per_session)
+    pipeline = Pipeline(bundle, backend=_backend_spec(args, plan))
     pipeline.warm_up()
     run_id = uuid.uuid4().hex
     publisher = VerdictPublisher(args.publish, args.station_id, run_id) if args.publish else None
@@ -377,12 +403,16 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _build_pipeline(config: Any, threads_per_session: int) -> Any:
+def _build_pipeline(config: Any, plan: Any) -> Any:
+    from station.backends import BackendSpec
     from station.bundle import load_bundle
     from station.pipeline import Pipeline
 
+    inference = config.inference
+    backend = BackendSpec(inference.backend, threads=plan.threads_per_session, precision=inference.precision,
+                          build_engines=inference.build_engines, slots=plan.workers)
     pipeline = Pipeline(
-        load_bundle(config.model), backend=config.inference.backend, threads=threads_per_session,
+        load_bundle(config.model), backend=backend,
         class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
     )
     pipeline.warm_up()
@@ -409,7 +439,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One plan for the run: workers are threads started once, so a reload keeps the sessions' threads too.
     plan = parallelism.plan(config.inference.workers, config.inference.threads)
     parallelism.apply(plan)
-    pipeline = _build_pipeline(config, plan.threads_per_session)
+    pipeline = _build_pipeline(config, plan)
     manifest = pipeline.bundle.manifest
     archive = (RejectArchive(config.archive, manifest.canonical_size, manifest.view.radius_margin)
                if config.archive.path is not None else None)
@@ -430,7 +460,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.warning("reload_needs_restart", key=key)
         if (new.inference.workers, new.inference.threads) != (config.inference.workers, config.inference.threads):
             log.warning("reload_needs_restart", key="inference.workers/threads")
-        return _build_pipeline(new, plan.threads_per_session)
+        return _build_pipeline(new, plan)
 
     notifier = Notifier()
     metrics: StationMetrics | None = None
@@ -502,7 +532,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     plan = parallelism.plan(args.workers, args.threads)
     parallelism.apply(plan)
-    pipeline = Pipeline(bundle, backend=args.backend, threads=plan.threads_per_session)
+    pipeline = Pipeline(bundle, backend=_backend_spec(args, plan))
     pipeline.warm_up()
     if args.source == "synth":
         print(f"bench: rendering {args.frames} bottles", file=sys.stderr)
@@ -511,13 +541,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
         images = folder_images(Path(args.source), args.frames)
     print("bench: measuring", file=sys.stderr)
     report = run_bench(pipeline, images, args.rate, plan.workers)
-    report.update(model=bundle.label, backend=args.backend, workers=plan.workers,
+    report.update(model=bundle.label, backend=pipeline.inspector.backend, workers=plan.workers,
                   threads=plan.threads_per_session, machine=_machine(),
                   source=args.source)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
         print(f"figures written to {args.json}")
+    return EXIT_OK
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from station.backends import ROLES
+    from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines
+    from station.backends.gpu import probe
+    from station.bundle import load_bundle
+
+    bundle = load_bundle(args.model)
+    gpu = probe()  # says what is missing (TensorRT, pycuda, a GPU) and exits 2
+    from station.backends.tensorrt_build import BuildOptions, build_engines
+
+    options = BuildOptions(args.precision, args.workspace_mb, args.max_batch, args.calibration)
+    options.validate()
+    key = EngineKey.for_gpu(gpu, args.precision)
+    cache = EngineCache(bundle)
+    if not args.force:
+        try:
+            cached = cache.lookup(key, ROLES)
+        except StaleEngines as exc:
+            print(f"build-engine: rebuilding: {exc}", file=sys.stderr)
+            cached = None
+        if cached is not None:
+            print(f"build-engine: {cache.folder(key)} is up to date (--force rebuilds)")
+            return EXIT_OK
+    t0 = time.perf_counter()
+    built = build_engines(bundle, options, gpu, progress=lambda msg: print(f"build-engine: {msg}", file=sys.stderr))
+    for role, path in built.plans.items():
+        print(f"{role}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"build-engine: {key.dirname} built in {time.perf_counter() - t0:.0f} s")
     return EXIT_OK
 
 
@@ -530,6 +591,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "calibrate": cmd_calibrate,
     "run": cmd_run,
     "bench": cmd_bench,
+    "build-engine": cmd_build_engine,
 }
 
 

@@ -117,7 +117,12 @@ class DecisionConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    #: auto: TensorRT where a CUDA GPU, pycuda and TensorRT are present, else ONNX Runtime on the CPU
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    #: TensorRT: the engines to run (station build-engine --precision)
+    precision: Literal["fp16", "fp32", "int8"] = "fp16"
+    #: TensorRT: build missing or out-of-date engines at start (minutes); false refuses to start without them
+    build_engines: bool = True
     #: inspection workers; 0: one per usable core (station/parallelism.py says why)
     workers: int = Field(default=0, ge=0, le=64)
     #: intra-op threads of each model session; 0: the cores shared out among the workers

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from station.anomaly import AnomalyParams, image_score, smooth
-from station.backends import ModelRunner, load_model
+from station.backends import BackendSpec, ModelRunner, load_models
 from station.bundle import Bundle
 from station.errors import BackendError
 from station.preprocess import ModelInputs, Mouth
@@ -24,22 +24,19 @@ class Scores:
 
 
 class Inspector:
-    def __init__(self, bundle: Bundle, backend: str = "onnxruntime", threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, backend: BackendSpec | str = "onnxruntime") -> None:
         m = bundle.manifest
         self.bundle = bundle
         self.classes = m.classes
-        self.backend = backend
+        spec = backend if isinstance(backend, BackendSpec) else BackendSpec(backend)
+        choice, models = load_models(bundle, spec)
+        self.backend = choice.name
+        self.backend_reason = choice.reason
         self.params = AnomalyParams(m.anomaly.smoothing_sigma, m.anomaly.top_k_fraction,
                                     m.anomaly.mask_radius, m.view.radius_margin)
         self.preprocess_spec = m.preprocess_spec()
-        self.classifier: ModelRunner = load_model(
-            backend, bundle.model_path("classifier"), m.models["classifier"].inputs,
-            m.models["classifier"].output, threads,
-        )
-        self.autoencoder: ModelRunner = load_model(
-            backend, bundle.model_path("autoencoder"), m.models["autoencoder"].inputs,
-            m.models["autoencoder"].output, threads,
-        )
+        self.classifier: ModelRunner = models["classifier"]
+        self.autoencoder: ModelRunner = models["autoencoder"]
         # The classifier may take the anomaly map as evidence beside the image.
         self._classifier_takes_map = len(m.models["classifier"].inputs) == 2
         self.rotations = m.models["classifier"].rotations
@@ -52,18 +49,20 @@ class Inspector:
         for _ in range(runs):
             self.inspect(ModelInputs(blank, blank, mouth, (0, 0, spec.canonical_size)))
 
+    def classifier_batches(self, inputs: ModelInputs, error_map: np.ndarray) -> list[np.ndarray]:
+        """The classifier's inputs for one bottle: one batch row per turn it is seen at."""
+        batches = [inputs.classifier, error_map] if self._classifier_takes_map else [inputs.classifier]
+        if self.rotations == 1:
+            return batches
+        # A turned bottle is a circular shift of the angle rows: the same bottle, seen turned.
+        return [np.concatenate([np.roll(b, k * b.shape[2] // self.rotations, axis=2)
+                                for k in range(self.rotations)]) for b in batches]
+
     def inspect(self, inputs: ModelInputs) -> Scores:
         t0 = time.perf_counter()
         error_map = self.autoencoder.run(inputs.autoencoder)
         t1 = time.perf_counter()
-        batches = [inputs.classifier, error_map] if self._classifier_takes_map else [inputs.classifier]
-        if self.rotations > 1:
-            # A turned bottle is a circular shift of the angle rows: the same bottle, seen turned.
-            batches = [np.concatenate([np.roll(b, k * b.shape[2] // self.rotations, axis=2)
-                                       for k in range(self.rotations)]) for b in batches]
-            probs = self.classifier.run(*batches).mean(axis=0, keepdims=True)
-        else:
-            probs = self.classifier.run(*batches)
+        probs = self.classifier.run(*self.classifier_batches(inputs, error_map)).mean(axis=0, keepdims=True)
         t2 = time.perf_counter()
         if probs.shape != (1, len(self.classes)):
             raise BackendError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from station.backends import BackendSpec
 from station.bundle import Bundle
 from station.decide import Policy, decide
 from station.errors import FrameError, StationError
@@ -19,14 +20,13 @@ class Pipeline:
     def __init__(
         self,
         bundle: Bundle,
-        backend: str = "onnxruntime",
-        threads: int = 0,
+        backend: BackendSpec | str = "onnxruntime",
         class_confidence: float | None = None,
         anomaly_threshold: float | None = None,
     ) -> None:
         m = bundle.manifest
         self.bundle = bundle
-        self.inspector = Inspector(bundle, backend, threads)
+        self.inspector = Inspector(bundle, backend)
         self.policy = Policy(
             classes=m.classes,
             class_confidence=class_confidence if class_confidence is not None else m.decision.class_confidence,

@@ -30,6 +30,10 @@ def write_config(path: Path, **data: object) -> Path:
         ({"station_id": "a", "model": "m", "source": {"path": "."}, "publsh": {}}, "publsh"),
         ({"station_id": "a", "model": "m", "source": {"path": "."}, "publish": {"endpoint": "localhost"}},
          "publish.endpoint"),
+        ({"station_id": "a", "model": "m", "source": {"path": "."}, "inference": {"backend": "cuda"}},
+         "inference.backend"),
+        ({"station_id": "a", "model": "m", "source": {"path": "."}, "inference": {"precision": "fp8"}},
+         "inference.precision"),
     ],
 )
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path, config: dict, key: str) -> None:

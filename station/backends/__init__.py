@@ -1,15 +1,26 @@
-"""Inference backends: each runs one ONNX model of a bundle on one device."""
+"""Inference backends: each runs one ONNX model of a bundle on one device.
+
+``auto`` takes TensorRT where a CUDA GPU, pycuda and TensorRT are all present,
+else ONNX Runtime on the CPU; the choice and its reason are logged.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import structlog
 
-from station.errors import ConfigError
+from station.errors import BackendError, ConfigError, MissingDependencyError
 
-BACKENDS = ("onnxruntime",)
+if TYPE_CHECKING:
+    from station.bundle import Bundle
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+ROLES = ("autoencoder", "classifier")
+
+log = structlog.get_logger("station.backend")
 
 
 class ModelRunner(Protocol):
@@ -20,10 +31,79 @@ class ModelRunner(Protocol):
     def run(self, *batches: np.ndarray) -> np.ndarray: ...
 
 
-def load_model(backend: str, path: Path, input_names: tuple[str, ...], output_name: str,
-               threads: int = 0) -> ModelRunner:
-    if backend == "onnxruntime":
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str = "onnxruntime"
+    threads: int = 0  # ONNX Runtime: intra-op threads per session (0: one per core)
+    precision: str = "fp16"  # TensorRT: which cached plan to run
+    build_engines: bool = True  # TensorRT: build a missing or stale plan at start, else refuse
+    slots: int = 1  # TensorRT: concurrent execution contexts (one per inspection worker)
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    reason: str
+
+
+def choose(requested: str) -> Choice:
+    """The backend to run: ``requested`` itself, or for ``auto`` the best one this machine has."""
+    if requested == "onnxruntime":
+        return Choice("onnxruntime", "configured")
+    if requested not in BACKENDS:
+        raise ConfigError(f"backend: unknown backend {requested!r}; available: {', '.join(BACKENDS)}")
+    from station.backends.gpu import probe
+
+    try:
+        gpu = probe()
+    except MissingDependencyError as exc:
+        if requested == "tensorrt":
+            raise MissingDependencyError(f"backend tensorrt: {exc}") from exc
+        return Choice("onnxruntime", f"auto: no TensorRT GPU here ({exc})")
+    major, minor = gpu.compute_capability
+    found = f"{gpu.name} (sm{major}{minor}) with TensorRT {gpu.tensorrt_version}"
+    return Choice("tensorrt", f"auto: {found}" if requested == "auto" else f"configured; {found}")
+
+
+def load_models(bundle: Bundle, spec: BackendSpec) -> tuple[Choice, dict[str, ModelRunner]]:
+    """Both models of ``bundle`` on the backend ``spec`` chooses."""
+    choice = choose(spec.name)
+    log.info("backend_chosen", backend=choice.name, reason=choice.reason)
+    m = bundle.manifest
+    if choice.name == "onnxruntime":
         from station.backends.onnxruntime import OnnxRuntimeModel
 
-        return OnnxRuntimeModel(path, input_names, output_name, threads=threads)
-    raise ConfigError(f"backend: unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        return choice, {role: OnnxRuntimeModel(bundle.model_path(role), m.models[role].inputs, m.models[role].output,
+                                               threads=spec.threads) for role in ROLES}
+    return choice, _load_tensorrt(bundle, spec)
+
+
+def _load_tensorrt(bundle: Bundle, spec: BackendSpec) -> dict[str, ModelRunner]:
+    from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines
+    from station.backends.gpu import probe
+    from station.backends.tensorrt import CudaDevice, TensorRtModel
+    from station.backends.tensorrt_build import BuildOptions, build_engines
+
+    gpu = probe()
+    key = EngineKey.for_gpu(gpu, spec.precision)
+    cache = EngineCache(bundle)
+    why = "no plan"
+    try:
+        cached = cache.lookup(key, ROLES)
+    except StaleEngines as exc:
+        cached, why = None, str(exc)
+    if cached is None:
+        if not spec.build_engines:
+            present = ", ".join(cache.available()) or "none"
+            raise BackendError(
+                f"{cache.folder(key)}: {why} for this GPU ({key.dirname}), and building at start is off "
+                f"(inference.build_engines: false). Plans present: {present}. "
+                f"Run: station build-engine --model {bundle.root} --precision {spec.precision}"
+            )
+        log.warning("building_engines", key=key.dirname, reason=why)
+        cached = build_engines(bundle, BuildOptions(precision=spec.precision), gpu)
+    device = CudaDevice()
+    m = bundle.manifest
+    return {role: TensorRtModel(cached.plans[role], m.models[role].inputs, m.models[role].output, device,
+                                slots=spec.slots)
+            for role in ROLES}

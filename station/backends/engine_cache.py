@@ -1,0 +1,126 @@
+"""TensorRT plans cached inside a bundle, keyed by what a plan is only valid for.
+
+``<bundle>/engines/<gpu>-sm<cc>-trt<version>-<precision>/`` holds one plan per
+model and ``engine.json``, which repeats the key and records the sha256 of the
+ONNX file each plan was built from. A plan is used only when the folder's key
+is this GPU's key and its ONNX checksum is the bundle's: a plan for another
+GPU, TensorRT version or precision, or for a model since retrained, is never
+loaded. It is rebuilt, or refused with a message saying which plans exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from station.backends.gpu import GpuInfo
+from station.bundle import Bundle
+
+ENGINES = "engines"
+META = "engine.json"
+PRECISIONS = ("fp16", "fp32", "int8")
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    gpu: str  # slug of the GPU's name
+    compute_capability: str  # "sm87"
+    tensorrt: str  # "10.13.0.35"
+    precision: str
+
+    @classmethod
+    def for_gpu(cls, gpu: GpuInfo, precision: str) -> EngineKey:
+        major, minor = gpu.compute_capability
+        return cls(gpu.slug, f"sm{major}{minor}", gpu.tensorrt_version, precision)
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.gpu}-{self.compute_capability}-trt{self.tensorrt}-{self.precision}"
+
+
+@dataclass(frozen=True)
+class CachedEngines:
+    key: EngineKey
+    plans: dict[str, Path]  # role → plan file
+    meta: dict[str, Any]
+
+
+class StaleEngines(Exception):
+    """A cache folder for this key exists but may not be used; the message says why."""
+
+
+class EngineCache:
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.root = bundle.root / ENGINES
+
+    def folder(self, key: EngineKey) -> Path:
+        return self.root / key.dirname
+
+    def available(self) -> list[str]:
+        """Names of the cache folders present, for messages."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / META).is_file())
+
+    def lookup(self, key: EngineKey, roles: tuple[str, ...]) -> CachedEngines | None:
+        """The plans for ``key``; None when there are none; StaleEngines when they may not be used."""
+        folder = self.folder(key)
+        meta_path = folder / META
+        if not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            recorded = EngineKey(**meta["key"])
+            models = meta["models"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StaleEngines(f"{meta_path}: unreadable ({exc})") from exc
+        if recorded != key:
+            raise StaleEngines(f"{meta_path}: records key {recorded.dirname}, the folder is named {key.dirname}")
+        plans: dict[str, Path] = {}
+        for role in roles:
+            entry = models.get(role)
+            if entry is None:
+                raise StaleEngines(f"{meta_path}: no plan for the {role}")
+            onnx = self.bundle.manifest.models[role].file
+            expected = self.bundle.manifest.files.get(onnx)
+            if entry.get("onnx_sha256") != expected:
+                raise StaleEngines(f"{folder / entry['plan']}: built from another {onnx} (the model was retrained)")
+            plan = folder / entry["plan"]
+            if not plan.is_file():
+                raise StaleEngines(f"{plan}: listed in {meta_path} but missing")
+            plans[role] = plan
+        return CachedEngines(key, plans, meta)
+
+    def store(self, key: EngineKey, plans: dict[str, bytes], details: dict[str, Any]) -> CachedEngines:
+        """Write the plans and engine.json into a new folder, then swap it in: never half a cache."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key.dirname}.", dir=self.root))
+        try:
+            models: dict[str, Any] = {}
+            for role, blob in plans.items():
+                name = f"{role}.plan"
+                (tmp / name).write_bytes(blob)
+                onnx = self.bundle.manifest.models[role].file
+                models[role] = {"plan": name, "onnx": onnx, "onnx_sha256": self.bundle.manifest.files.get(onnx),
+                                "bytes": len(blob)}
+            meta = {"key": asdict(key), "models": models, **details}
+            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            final = self.folder(key)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return CachedEngines(key, {role: final / f"{role}.plan" for role in plans}, meta)
