@@ -9,6 +9,12 @@
 #
 #   sudo deploy/install.sh --bundle models/demo
 #   DESTDIR=/tmp/root deploy/install.sh --extras ''
+#
+# On a GPU (docs/jetson.md):
+#   --gpu                 also installs the units' drop-in systemd/gpu/gpu.conf (GPU device nodes, engines built at start)
+#   --jetson              --gpu, and a venv that sees JetPack's TensorRT and pycuda (--system-site-packages)
+#   --build-engines PREC  builds the bundle's TensorRT engines now, on this GPU (not with DESTDIR: an engine
+#                         is only valid on the GPU it was built on)
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=${PREFIX:-/opt/station}
@@ -17,18 +23,33 @@ UNITDIR=${UNITDIR:-/etc/systemd/system}
 CONFDIR=${CONFDIR:-/etc/station}
 EXTRAS=camera
 BUNDLE=
+GPU=
+SYSTEM_SITE=
+ENGINES=
 
-usage() { echo "usage: $0 [--prefix DIR] [--bundle MODEL_DIR] [--extras camera,tensorrt|'']" >&2; exit 2; }
+usage() {
+  echo "usage: $0 [--prefix DIR] [--bundle MODEL_DIR] [--extras camera,tensorrt|''] [--gpu] [--jetson]" \
+       "[--build-engines fp16|fp32|int8]" >&2
+  exit 2
+}
 while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) PREFIX=${2:?}; shift 2 ;;
     --bundle) BUNDLE=${2:?}; shift 2 ;;
     --extras) EXTRAS=${2?}; shift 2 ;;
+    --gpu) GPU=1; shift ;;
+    --jetson) GPU=1; SYSTEM_SITE=--system-site-packages; shift ;;
+    --build-engines) ENGINES=${2:?}; shift 2 ;;
     -h|--help) usage ;;
     *) echo "install.sh: unknown argument $1" >&2; usage ;;
   esac
 done
 case "$PREFIX" in /*) ;; *) echo "install.sh: --prefix must be absolute, got $PREFIX" >&2; exit 2 ;; esac
+case "$ENGINES" in ""|fp16|fp32|int8) ;; *) echo "install.sh: --build-engines takes fp16, fp32 or int8" >&2; exit 2 ;; esac
+if [ -n "$ENGINES" ] && { [ -n "$DESTDIR" ] || [ -z "$BUNDLE" ]; }; then
+  echo "install.sh: --build-engines needs --bundle and the target itself (no DESTDIR): engines are built for one GPU" >&2
+  exit 2
+fi
 if [ -n "$BUNDLE" ] && [ ! -f "$BUNDLE/manifest.yaml" ]; then
   echo "install.sh: $BUNDLE is not a model bundle (no manifest.yaml); make one with station train" >&2; exit 2
 fi
@@ -36,7 +57,7 @@ fi
 root=$DESTDIR
 venv=$root$PREFIX/venv
 echo "install.sh: venv in $venv"
-python3 -m venv "$venv"
+python3 -m venv $SYSTEM_SITE "$venv"
 spec=$src
 [ -n "$EXTRAS" ] && spec="$src[$EXTRAS]"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "$spec" 2> >(grep -v '^WARNING: Location' >&2)
@@ -54,6 +75,11 @@ if [ -n "$BUNDLE" ]; then
   mv "$root$PREFIX/models/current.new" "$root$PREFIX/models/current"
 fi
 
+if [ -n "$ENGINES" ]; then
+  echo "install.sh: building $ENGINES engines for this GPU"
+  "$venv/bin/station" build-engine --model "$PREFIX/models/current" --precision "$ENGINES"
+fi
+
 install -d -m 0755 "$root$CONFDIR"
 if [ -e "$root$CONFDIR/station.yaml" ]; then
   echo "install.sh: keeping the existing $CONFDIR/station.yaml"
@@ -66,6 +92,11 @@ install -d "$root$UNITDIR"
 for unit in station.service station@.service; do
   sed "s|/opt/station/|$PREFIX/|g" "$src/systemd/$unit" > "$root$UNITDIR/$unit"
   chmod 0644 "$root$UNITDIR/$unit"
+  if [ -n "$GPU" ]; then
+    install -d "$root$UNITDIR/$unit.d"
+    sed "s|/opt/station/|$PREFIX/|g" "$src/systemd/gpu/gpu.conf" > "$root$UNITDIR/$unit.d/gpu.conf"
+    chmod 0644 "$root$UNITDIR/$unit.d/gpu.conf"
+  fi
 done
 
 if [ -z "$root" ]; then
@@ -74,6 +105,11 @@ if [ -z "$root" ]; then
       # video and plugdev: USB3 Vision and V4L2 cameras on Debian.
       useradd --system --no-create-home --home-dir /var/lib/station --shell /usr/sbin/nologin station
       for group in video plugdev; do getent group "$group" >/dev/null && usermod -aG "$group" station; done
+    fi
+    # render: discrete GPUs' device group; the engine cache lives in the bundle, which the service writes.
+    if [ -n "$GPU" ]; then
+      getent group render >/dev/null && usermod -aG render station
+      [ -d "$PREFIX/models" ] && chown -R station:station "$PREFIX/models"
     fi
     systemctl daemon-reload 2>/dev/null || true
   fi

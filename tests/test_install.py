@@ -18,7 +18,7 @@ def _install(dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_destdir_install_is_complete_relocated_and_torch_free(bundle: Path, tmp_path: Path) -> None:
     dest = tmp_path / "root"
-    proc = _install(dest, "--prefix", "/srv/station", "--bundle", str(bundle))
+    proc = _install(dest, "--prefix", "/srv/station", "--bundle", str(bundle), "--gpu")
     assert proc.returncode == 0, proc.stderr
     venv = dest / "srv/station/venv"
     # Scripts name the installed path, not the staging root.
@@ -36,6 +36,9 @@ def test_destdir_install_is_complete_relocated_and_torch_free(bundle: Path, tmp_
     for unit in ("station.service", "station@.service"):
         text = (dest / "etc/systemd/system" / unit).read_text()
         assert "ExecStart=/srv/station/venv/bin/station run" in text and "/opt/station" not in text
+        # --gpu: the drop-in that opens the GPU's device nodes and lets engines be built into the bundle
+        gpu = (dest / "etc/systemd/system" / f"{unit}.d" / "gpu.conf").read_text()
+        assert "ReadWritePaths=/srv/station/models" in gpu and "DeviceAllow=/dev/nvidiactl rw" in gpu
     # The shipped config is valid as installed and points at the installed bundle.
     config = dest / "etc/station/station.yaml"
     assert load_config(config).model == Path("/srv/station/models/current")
@@ -52,3 +55,10 @@ def test_rejects_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "not a model bundle" in proc.stderr
     assert not (tmp_path / "root").exists(), "nothing is staged when the arguments are wrong"
+
+
+def test_engines_are_never_built_into_a_staging_root(bundle: Path, tmp_path: Path) -> None:
+    proc = _install(tmp_path / "root", "--bundle", str(bundle), "--build-engines", "fp16")
+    assert proc.returncode == 2
+    assert "engines are built for one GPU" in proc.stderr
+    assert not (tmp_path / "root").exists()

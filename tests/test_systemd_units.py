@@ -51,3 +51,21 @@ def test_units_are_notify_with_watchdog_and_reload() -> None:
         text = (UNITS / name).read_text()
         assert "Type=notify" in text and "WatchdogSec=" in text
         assert "ExecReload=/bin/kill -HUP $MAINPID" in text
+
+
+@pytest.mark.parametrize("unit", ["station.service", "station@.service"])
+def test_gpu_drop_in_verifies_and_keeps_exposure_at_most_3(tmp_path: Path, unit: str) -> None:
+    _install(tmp_path, unit)
+    (tmp_path / f"{unit}.d").mkdir()
+    (tmp_path / f"{unit}.d" / "gpu.conf").write_text((UNITS / "gpu" / "gpu.conf").read_text())
+    instance = "station@cam1.service" if "@" in unit else unit
+    # Drop-ins are read from the unit search path, so the folder goes on it (the trailing ':' keeps the defaults).
+    env = {"SYSTEMD_UNIT_PATH": f"{tmp_path}:", "PATH": "/usr/bin:/bin"}
+    verify = subprocess.run([str(ANALYZE), "verify", instance], capture_output=True, text=True, cwd=tmp_path,
+                            env=env, timeout=60)
+    assert verify.returncode == 0 and verify.stdout == "" and verify.stderr == ""
+    security = subprocess.run([str(ANALYZE), "security", "--offline=true", instance], capture_output=True,
+                              text=True, cwd=tmp_path, env=env, timeout=60)
+    assert "/dev/nvidiactl:rw" in security.stdout, "the drop-in was not read"
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert match and float(match.group(1)) <= 3.0
