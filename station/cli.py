@@ -114,6 +114,39 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=_positive_float, default=None, help="exit after S seconds of silence")
     c.add_argument("--exit-on-stop", action="store_true", help="exit when the station reports it stopped")
     c.add_argument("--json", action="store_true", help="print each verdict as its JSON message")
+    _add_feed_args(c)
+
+    keys = sub.add_parser("keys", help="CURVE keys for the verdict endpoint (docs/integration.md)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kg = keys_sub.add_parser("generate", help="write OUT/NAME.key (public) and OUT/NAME.key_secret (secret, 0600)")
+    kg.add_argument("--out", type=Path, required=True, help="folder for the key files")
+    kg.add_argument("--name", required=True, help="e.g. station-line1, or the bridge's host name")
+
+    bridge = sub.add_parser("bridge", help="reference bridges from the verdict stream to PLC and MES")
+    bridges = bridge.add_subparsers(dest="bridge", required=True, metavar="KIND")
+    ou = bridges.add_parser("opcua", help="OPC UA server: last verdict, seq, WS Pack counters, a reject pulse")
+    ou.add_argument("--listen", default="opc.tcp://0.0.0.0:4840/station/", help="the server's endpoint URL")
+    ou.add_argument("--reject-pulse-ms", type=_positive_int, default=500, help="how long RejectPulse stays true")
+    mb = bridges.add_parser("modbus", help="Modbus TCP server: reject coil, vision handshake, counter registers")
+    mb.add_argument("--listen", default="0.0.0.0:5020", metavar="HOST:PORT")
+    mb.add_argument("--unit", type=_positive_int, default=1, help="Modbus unit (slave) id")
+    me = bridges.add_parser("mes", help="append every verdict to SQLite, with gaps recorded")
+    me.add_argument("--db", type=Path, required=True, help="SQLite file (created if missing)")
+    for bp in (ou, mb, me):
+        bp.add_argument("--connect", required=True, metavar="ENDPOINT", help="the station's verdict endpoint")
+        bp.add_argument("--station-id", default=None, help="only this station (default: all)")
+        _add_feed_args(bp)
+
+    mq = sub.add_parser("mes-query", help="query the MES recorder's SQLite file: verdicts, counts, gaps")
+    mq.add_argument("--db", type=Path, required=True)
+    mq.add_argument("--verdict", choices=["pass", "fail", "skipped"], default=None)
+    mq.add_argument("--since", default=None, metavar="ISO8601", help="captured at or after (UTC)")
+    mq.add_argument("--until", default=None, metavar="ISO8601", help="captured before (UTC)")
+    mq.add_argument("--run-id", default=None)
+    mq.add_argument("--gaps", action="store_true", help="list the recorded gaps instead of verdicts")
+    mq.add_argument("--summary", action="store_true", help="counts by run and verdict instead of verdicts")
+    mq.add_argument("--limit", type=_positive_int, default=0, help="at most N rows (0: all)")
+    mq.add_argument("--json", action="store_true", help="one JSON object per line")
 
     n = sub.add_parser("run", help="run the station as a long-running service")
     n.add_argument("--config", type=Path, required=True, help="station.yaml")
@@ -141,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also accept batches 1…N (default: the batch the station runs each model with)")
     g.add_argument("--force", action="store_true", help="rebuild even when valid engines are cached")
     return p
+
+
+def _add_feed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-server-key", type=Path, default=None, metavar="FILE.key",
+                   help="the station's public key: connect with CURVE encryption")
+    p.add_argument("--curve-client-key", type=Path, default=None, metavar="FILE.key_secret",
+                   help="this client's secret key; its .key must be in the station's allowed_clients")
+
+
+def _client_keys(args: argparse.Namespace) -> Any:
+    from station.security import ClientKeys
+
+    if (args.curve_server_key is None) != (args.curve_client_key is None):
+        raise ConfigError("--curve-server-key and --curve-client-key go together")
+    return ClientKeys(args.curve_server_key, args.curve_client_key) if args.curve_server_key else None
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -365,30 +413,34 @@ def _format_verdict_line(m: dict[str, Any]) -> str:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    from station.publish import SequenceTracker, Subscriber
+    from station.bridges.feed import VerdictFeed
 
-    sub = Subscriber(args.connect, station=args.station_id)
-    tracker = SequenceTracker()
+    feed = VerdictFeed(args.connect, station=args.station_id, curve=_client_keys(args))
+    tracker = feed.tracker
     received = 0
     outcome: dict[str, int] = {}
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
         while not stop.is_set():
-            item = sub.receive(args.timeout if args.timeout else 0.5)
-            if item is None:
+            event = feed.next(args.timeout if args.timeout else 0.5)
+            if event is None:
                 if args.timeout:
                     print(f"subscribe: no message for {args.timeout:g} s, exiting", file=sys.stderr)
                     break
                 continue
-            m = item.message
-            if item.topic.startswith("heartbeat."):
+            for note in event.notes:
+                print(f"subscribe: warning: {note}", file=sys.stderr, flush=True)
+            m = event.message
+            if event.kind == "heartbeat":
                 stopped = m.get("state") == "stopped" and m.get("run_id") == tracker.run_id
                 if args.exit_on_stop and stopped and m.get("next_seq") == tracker.expected:
                     break
                 continue
-            for note in tracker.observe(str(m.get("run_id")), int(m.get("seq", -1))):
-                print(f"subscribe: warning: {note}", file=sys.stderr, flush=True)
+            if event.kind == "welcome":
+                print(f"subscribe: connected to {m.get('station')} run {m.get('run_id')}, state {m.get('state')}, "
+                      f"next seq {m.get('next_seq')}", file=sys.stderr, flush=True)
+                continue
             received += 1
             outcome[m.get("verdict", "?")] = outcome.get(m.get("verdict", "?"), 0) + 1
             line = json.dumps(m, ensure_ascii=False) if args.json else _format_verdict_line(m)
@@ -396,11 +448,49 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             if args.count and received >= args.count:
                 break
     finally:
-        sub.close()
+        feed.close()
     parts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.items()))
     print(f"subscribe: {received} verdicts ({parts}); {tracker.gaps} gaps, {tracker.missed} missed",
           file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from station.security import generate_keys
+
+    public, secret = generate_keys(args.out, args.name)
+    print(f"public key (hand out; clients' go in the station's allowed_clients folder): {public}")
+    print(f"secret key (keep on this machine, mode 0600): {secret}")
+    return EXIT_OK
+
+
+BRIDGE_EXTRA = {"opcua": "asyncua", "modbus": "pymodbus", "mes": None}
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    import importlib
+    import importlib.util
+
+    from station.bridges.feed import VerdictFeed
+
+    needed = BRIDGE_EXTRA[args.bridge]
+    if needed is not None and importlib.util.find_spec(needed) is None:
+        raise MissingDependencyError(f"the {args.bridge} bridge needs {needed}: pip install 'station[bridges]'")
+    module = importlib.import_module(f"station.bridges.{args.bridge}")
+    feed = VerdictFeed(args.connect, station=args.station_id, curve=_client_keys(args))
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        rc: int = module.run(args, feed, stop)
+    finally:
+        feed.close()
+    return rc
+
+
+def cmd_mes_query(args: argparse.Namespace) -> int:
+    from station.bridges.mes import query
+
+    return query(args)
 
 
 def _build_pipeline(config: Any, plan: Any) -> Any:
@@ -430,6 +520,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from station.metrics import StationMetrics
     from station.publish import VerdictPublisher
     from station.sdnotify import Notifier, watchdog_interval_s
+    from station.security import ServerKeys
     from station.sources.factory import build_source
 
     config = load_config(args.config)
@@ -444,7 +535,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     archive = (RejectArchive(config.archive, manifest.canonical_size, manifest.view.radius_margin)
                if config.archive.path is not None else None)
     run_id = uuid.uuid4().hex
-    publisher = VerdictPublisher(config.publish.endpoint, config.station_id, run_id)
+    curve = config.publish.curve
+    publisher = VerdictPublisher(
+        config.publish.endpoint, config.station_id, run_id,
+        curve=ServerKeys(curve.secret_key, curve.allowed_clients) if curve is not None else None,
+    )
     sinks: list[Any] = []
     jsonl = JsonlSink(config.output.jsonl) if config.output.jsonl else None
     if jsonl:
@@ -592,6 +687,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "bench": cmd_bench,
     "build-engine": cmd_build_engine,
+    "keys": cmd_keys,
+    "bridge": cmd_bridge,
+    "mes-query": cmd_mes_query,
 }
 
 

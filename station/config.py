@@ -95,8 +95,17 @@ class ArchiveConfig(_Strict):
     queue_size: int = Field(default=64, ge=1, le=10_000)
 
 
+class CurveConfig(_Strict):
+    #: the station's secret key file (station keys generate → NAME.key_secret)
+    secret_key: Path
+    #: folder of the public key files (NAME.key) of the subscribers allowed to connect
+    allowed_clients: Path
+
+
 class PublishConfig(_Strict):
     endpoint: str = "tcp://127.0.0.1:5556"
+    #: CURVE encryption with an allow-list of client keys; null: plain (keep the endpoint on 127.0.0.1 then)
+    curve: CurveConfig | None = None
     heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
     #: hold the first frame until this many verdict subscribers are connected (a bounded wait: a line
     #: must run even when a bridge is down, so after wait_timeout_s the station starts anyway, with a warning)
@@ -176,6 +185,11 @@ def load_config(path: Path) -> StationConfig:
         src.image_folder = base / src.image_folder
     if isinstance(src, OpenCvSourceConfig) and _is_relative_file(src.uri):
         src.uri = str(base / src.uri)
+    curve = config.publish.curve
+    if curve is not None:
+        curve.secret_key = curve.secret_key if curve.secret_key.is_absolute() else base / curve.secret_key
+        if not curve.allowed_clients.is_absolute():
+            curve.allowed_clients = base / curve.allowed_clients
     if config.archive.path is not None and not config.archive.path.is_absolute():
         config.archive.path = base / config.archive.path
     if config.output.jsonl is not None and not config.output.jsonl.is_absolute():

@@ -147,11 +147,6 @@ class Station:
 
     def _emit(self, verdict: Verdict) -> None:
         verdict.latency_ms["total"] = (time.monotonic() - verdict.frame.captured_mono) * 1e3
-        if self.publisher is not None:
-            message = self.publisher.publish(verdict)
-        else:
-            message = verdict.to_message(self.station_id, self.run_id, self._local_seq, time.time())
-            self._local_seq += 1
         with self._lock:
             c = self.counters
             c.published += 1
@@ -165,6 +160,13 @@ class Station:
                 c.passed += 1
             elif verdict.verdict == FAIL:
                 c.failed += 1
+            counters = c.snapshot()
+        if self.publisher is not None:
+            # The counters go into the welcome a late joiner gets, current with this verdict.
+            message = self.publisher.publish(verdict, counters)
+        else:
+            message = verdict.to_message(self.station_id, self.run_id, self._local_seq, time.time())
+            self._local_seq += 1
         if self.on_verdict is not None:
             self.on_verdict(verdict)
         for sink in self.sinks:

@@ -1,7 +1,21 @@
 """ZeroMQ publishing of verdicts and heartbeats, and the subscriber side.
 
 Wire format: multipart ``[topic, payload]``; topics ``verdict.<station_id>``
-and ``heartbeat.<station_id>``; payload UTF-8 JSON.
+and ``heartbeat.<station_id>``; payload UTF-8 JSON. A (re)connecting
+subscriber is greeted with one single-frame message, ``welcome.<station_id>``,
+a space, then JSON: the last verdict, the next seq and the current counters,
+so a bridge that joins mid-shift is current at once (ZMQ_XPUB_WELCOME_MSG,
+updated after every verdict and heartbeat).
+
+Both ends run ZMTP heartbeats, so a peer that vanished without closing (a
+pulled cable, a killed VM) is noticed within HEARTBEAT_TIMEOUT_MS and its
+pipe dropped, and a subscriber reconnects on its own.
+
+A subscriber that falls behind by SEND_HWM messages loses verdicts, silently
+at the ZeroMQ level (XPUB_NODROP would make the station wait for the slowest
+bridge instead, which a line cannot afford). Every verdict carries ``seq``, so
+the loss is visible on the subscriber's side as a gap, and ``station
+subscribe`` and the bridges report it.
 """
 
 from __future__ import annotations
@@ -14,10 +28,14 @@ from typing import Any
 import zmq
 
 from station.errors import PublishError
+from station.security import ClientKeys, CurveServer, ServerKeys, apply_client
 from station.timefmt import iso_utc
 from station.verdict import Verdict, encode
 
 HEARTBEAT_SCHEMA = "station.heartbeat/1"
+WELCOME_SCHEMA = "station.welcome/1"
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
 
 # Room for a burst of verdicts to a briefly slow subscriber; past it ZeroMQ drops
 # for that subscriber, and the subscriber sees the gap in ``seq``.
@@ -32,6 +50,16 @@ def heartbeat_topic(station: str) -> str:
     return f"heartbeat.{station}"
 
 
+def welcome_topic(station: str) -> str:
+    return f"welcome.{station}"
+
+
+def _zmtp_heartbeats(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+
+
 class VerdictPublisher:
     """XPUB socket bound to ``endpoint``; stamps seq and published_at on each verdict.
 
@@ -39,26 +67,44 @@ class VerdictPublisher:
     replay hold its first verdict until the expected subscribers are connected.
     """
 
-    def __init__(self, endpoint: str, station: str, run_id: str, context: zmq.Context[Any] | None = None):
+    def __init__(self, endpoint: str, station: str, run_id: str, context: zmq.Context[Any] | None = None,
+                 curve: ServerKeys | None = None):
         self.station = station
         self.run_id = run_id
         self.seq = 0
         self._verdict_topic = verdict_topic(station).encode()
         self._heartbeat_topic = heartbeat_topic(station).encode()
+        self._welcome_topic = welcome_topic(station).encode()
+        self._last_verdict: bytes = b"null"
+        self._status: dict[str, Any] = {"state": "starting", "counters": {}}
         self._ctx = context or zmq.Context.instance()
+        self._curve = CurveServer(curve, self._ctx) if curve is not None else None
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         # Deliver every subscription message, also repeats of a topic another
         # subscriber already holds, so each subscriber is counted.
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._sock.setsockopt(zmq.LINGER, 2000)
+        _zmtp_heartbeats(self._sock)
+        if self._curve is not None:
+            self._curve.apply(self._sock)
+        self._update_welcome()
         try:
             self._sock.bind(endpoint)
         except zmq.ZMQError as exc:
             self._sock.close(0)
+            if self._curve is not None:
+                self._curve.stop()
             raise PublishError(f"cannot bind {endpoint}: {exc}") from exc
         self.endpoint = endpoint
         self.subscribers = 0
+
+    def _update_welcome(self) -> None:
+        head = json.dumps({"schema": WELCOME_SCHEMA, "station": self.station, "run_id": self.run_id,
+                           "next_seq": self.seq, **self._status}, separators=(",", ":"))
+        # The last verdict is spliced in as already encoded, rather than decoded and encoded again.
+        body = head[:-1].encode() + b',"last_verdict":' + self._last_verdict + b"}"
+        self._sock.setsockopt(zmq.XPUB_WELCOME_MSG, self._welcome_topic + b" " + body)
 
     def _drain_subscriptions(self, timeout_ms: int = 0) -> None:
         wanted = (self._verdict_topic, b"verdict.", b"verdict", b"")
@@ -86,10 +132,16 @@ class VerdictPublisher:
         # message sent now reaches it; no extra settle time is needed.
         return self.subscribers
 
-    def publish(self, verdict: Verdict) -> dict[str, Any]:
+    def publish(self, verdict: Verdict, counters: dict[str, int] | None = None) -> dict[str, Any]:
+        """Send one verdict; ``counters`` (the station's, this verdict counted) go into the welcome."""
         message = verdict.to_message(self.station, self.run_id, self.seq, time.time())
-        self._sock.send_multipart([self._verdict_topic, encode(message)])
+        payload = encode(message)
+        self._sock.send_multipart([self._verdict_topic, payload])
         self.seq += 1
+        self._last_verdict = payload
+        if counters is not None:
+            self._status = {**self._status, "counters": counters}
+        self._update_welcome()
         self._drain_subscriptions()
         return message
 
@@ -106,9 +158,13 @@ class VerdictPublisher:
             **(extra or {}),
         }
         self._sock.send_multipart([self._heartbeat_topic, encode(message)])
+        self._status = {"state": state, "counters": counters}
+        self._update_welcome()
 
     def close(self) -> None:
         self._sock.close()
+        if self._curve is not None:
+            self._curve.stop()
 
 
 @dataclass
@@ -121,13 +177,21 @@ class Subscriber:
     """SUB socket connected to a station; yields decoded verdicts and heartbeats."""
 
     def __init__(self, endpoint: str, station: str | None = None, heartbeats: bool = True,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, curve: ClientKeys | None = None) -> None:
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, SEND_HWM)
+        _zmtp_heartbeats(self._sock)
+        if curve is not None:
+            try:
+                apply_client(self._sock, curve)
+            except Exception:
+                self._sock.close(0)
+                raise
         suffix = station or ""
         self._sock.setsockopt(zmq.SUBSCRIBE, f"verdict.{suffix}".encode())
+        self._sock.setsockopt(zmq.SUBSCRIBE, f"welcome.{suffix}".encode())
         if heartbeats:
             self._sock.setsockopt(zmq.SUBSCRIBE, f"heartbeat.{suffix}".encode())
         try:
@@ -142,6 +206,9 @@ class Subscriber:
         if not self._sock.poll(timeout_ms, zmq.POLLIN):
             return None
         parts = self._sock.recv_multipart()
+        if len(parts) == 1:  # the welcome: "welcome.<station> {json}" in one frame
+            head, _, body = parts[0].partition(b" ")
+            parts = [head, body]
         topic = parts[0].decode("utf-8", "replace")
         try:
             message = json.loads(parts[-1].decode("utf-8"))
@@ -161,6 +228,25 @@ class SequenceTracker:
         self.expected = 0
         self.gaps = 0
         self.missed = 0
+
+    def join(self, run_id: str, next_seq: int) -> list[str]:
+        """A welcome: the station says which seq comes next (on first connect and on every reconnect)."""
+        notes: list[str] = []
+        if run_id != self.run_id:
+            if self.run_id is not None:
+                notes.append(f"new run_id {run_id} (was {self.run_id}): the station restarted")
+            elif next_seq:
+                notes.append(f"joined run {run_id} at seq {next_seq}")
+            self.run_id = run_id
+        elif next_seq > self.expected:
+            lost = next_seq - self.expected
+            self.gaps += 1
+            self.missed += lost
+            notes.append(f"reconnected: {lost} verdicts published while disconnected "
+                         f"(seq {self.expected}…{next_seq - 1})")
+        # The welcome is the first message on a connection: what follows starts at next_seq.
+        self.expected = next_seq
+        return notes
 
     def observe(self, run_id: str, seq: int) -> list[str]:
         notes: list[str] = []

@@ -16,6 +16,8 @@ from station.inspector import Scores
 from station.timefmt import iso_utc
 
 SCHEMA = "station.verdict/1"
+#: Frame.meta keys a source may set, published as the verdict's ``trigger`` object
+TRIGGER_KEYS = ("block_id", "count", "encoder", "camera_timestamp")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Verdict:
             "frame_id": self.frame.frame_id,
             "source": self.frame.source,
             "captured_at": iso_utc(self.frame.captured_at),
+            "trigger": _trigger_of(self.frame.meta),
             "published_at": iso_utc(published_at),
             "verdict": self.verdict,
             "reasons": list(self.reasons),
@@ -73,6 +76,12 @@ class Verdict:
                 },
             }
         return msg
+
+
+def _trigger_of(meta: dict[str, Any]) -> dict[str, int | None] | None:
+    if not any(k in meta for k in TRIGGER_KEYS):
+        return None
+    return {k: meta.get(k) for k in TRIGGER_KEYS}
 
 
 def encode(message: dict[str, Any]) -> bytes:

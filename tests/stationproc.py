@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from station.publish import Subscriber
+from station.security import ClientKeys
 from tests.conftest import free_endpoint, station_cmd
 
 Message = dict[str, Any]
@@ -21,7 +22,7 @@ Message = dict[str, Any]
 
 class StationProcess:
     def __init__(self, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None,
-                 station_id: str = "cam1") -> None:
+                 station_id: str = "cam1", curve: ClientKeys | None = None) -> None:
         self.endpoint = free_endpoint()
         config = {"station_id": station_id, **config}
         config.setdefault("publish", {})
@@ -32,7 +33,7 @@ class StationProcess:
         self.heartbeats: list[Message] = []
         self._cond = threading.Condition()
         self._closed = threading.Event()
-        self.sub = Subscriber(self.endpoint, station=station_id)
+        self.sub = Subscriber(self.endpoint, station=station_id, curve=curve)
         self.proc = subprocess.Popen(station_cmd("run", "--config", str(self.config_path)),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
@@ -42,7 +43,7 @@ class StationProcess:
     def _read(self) -> None:
         while not self._closed.is_set():
             item = self.sub.receive(0.2)
-            if item is None:
+            if item is None or item.topic.startswith("welcome."):
                 continue
             with self._cond:
                 (self.verdicts if item.topic.startswith("verdict.") else self.heartbeats).append(item.message)

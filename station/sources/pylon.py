@@ -198,7 +198,7 @@ class PylonCamera:
             grab = Grab(
                 frame_id=f"{self._serial}/{block}",
                 skipped_ids=[f"{self._serial}/{block - skipped + k}" for k in range(skipped)],
-                meta={"camera_timestamp": int(result.TimeStamp)},
+                meta={"block_id": block, "camera_timestamp": int(result.TimeStamp)},
             )
             if result.GrabSucceeded():
                 grab.image = self._converter.Convert(result).GetArray().copy()

@@ -1,0 +1,101 @@
+"""The MES recorder: every verdict in SQLite, gaps recorded across a recorder restart, and the query command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.conftest import free_endpoint, run_station, station_cmd
+from tests.stationproc import StationProcess
+from tests.test_verdict_stream import _drop
+
+
+def _recorder(endpoint: str, db: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(station_cmd("bridge", "mes", "--connect", endpoint, "--db", str(db)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # the recorder has not created its tables yet
+            return []
+
+
+def _until(what: str, predicate: Callable[[], bool], proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
+    # SQLite gives no change notification to another process: poll, with a deadline.
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, f"recorder exited: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_recorder_keeps_every_verdict_of_a_replay(bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    endpoint, db, out = free_endpoint(), tmp_path / "mes.sqlite", tmp_path / "v.jsonl"
+    recorder = _recorder(endpoint, db)
+    try:
+        replay = run_station("replay", "--model", str(bundle), "--source", str(eval_root), "--publish", endpoint,
+                             "--wait-subscribers", "1", "--station-id", "line1", "--out", str(out))
+        assert replay.returncode == 0, replay.stderr
+        published = [json.loads(line) for line in out.read_text().splitlines()]
+        _until("every verdict", lambda: len(_rows(db, "SELECT seq FROM verdicts")) == len(published), recorder)
+        recorder.send_signal(signal.SIGTERM)
+        assert recorder.wait(timeout=30) == 0
+    finally:
+        recorder.kill()
+    stored = _rows(db, "SELECT seq, verdict, frame_id, message FROM verdicts ORDER BY seq")
+    assert [(s, v, f) for s, v, f, _ in stored] == [(m["seq"], m["verdict"], m["frame_id"]) for m in published]
+    assert json.loads(str(stored[-1][3])) == published[-1]
+    assert _rows(db, "SELECT * FROM gaps") == []
+
+    fails = run_station("mes-query", "--db", str(db), "--verdict", "fail", "--json")
+    assert fails.returncode == 0, fails.stderr
+    assert [json.loads(line)["seq"] for line in fails.stdout.splitlines()] == \
+        [m["seq"] for m in published if m["verdict"] == "fail"]
+    summary = run_station("mes-query", "--db", str(db), "--summary", "--json")
+    counts = {row["verdict"]: row["count"] for row in map(json.loads, summary.stdout.splitlines())}
+    assert sum(counts.values()) == len(published) and counts.get("fail") == len(fails.stdout.splitlines())
+
+
+def test_verdicts_missed_while_the_recorder_was_down_are_recorded_as_a_gap(bundle: Path, eval_root: Path,
+                                                                           tmp_path: Path) -> None:
+    incoming, db = tmp_path / "incoming", tmp_path / "mes.sqlite"
+    incoming.mkdir()
+    station = StationProcess(tmp_path, {"model": str(bundle),
+                                        "source": {"path": str(incoming), "poll_interval_s": 0.05}})
+    recorder = _recorder(station.endpoint, db)
+    try:
+        station.wait_heartbeat(lambda h: h["state"] == "running")
+        images = sorted((eval_root / "good").iterdir())
+        _drop(images[:1], incoming)
+        _until("seq 0", lambda: _rows(db, "SELECT seq FROM verdicts") == [(0,)], recorder)
+        recorder.kill()  # SIGKILL: no goodbye, as in a power cut
+        recorder.wait()
+        _drop(images[1:3], incoming, start=1)
+        station.wait_verdicts(3)
+        recorder = _recorder(station.endpoint, db)
+        # The welcome brings seq 2 (the last verdict), so seq 1 is known missing.
+        _until("seq 2", lambda: len(_rows(db, "SELECT seq FROM verdicts")) == 2, recorder)
+        assert _rows(db, "SELECT first_seq, last_seq, missed FROM gaps") == [(1, 1, 1)]
+        gaps = run_station("mes-query", "--db", str(db), "--gaps", "--json")
+        assert gaps.returncode == 0
+        (gap,) = [json.loads(line) for line in gaps.stdout.splitlines()]
+        assert gap["station"] == "cam1" and gap["missed"] == 1
+        station.terminate()
+    finally:
+        recorder.kill()
+        station.close()
+
+
+def test_query_of_a_missing_database_exits_2(tmp_path: Path) -> None:
+    proc = run_station("mes-query", "--db", str(tmp_path / "nope.sqlite"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
