@@ -22,7 +22,7 @@ Message = dict[str, Any]
 
 class StationProcess:
     def __init__(self, tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None,
-                 station_id: str = "cam1", curve: ClientKeys | None = None) -> None:
+                 station_id: str = "cam1", curve: ClientKeys | None = None, prefix: list[str] | None = None) -> None:
         self.endpoint = free_endpoint()
         config = {"station_id": station_id, **config}
         config.setdefault("publish", {})
@@ -34,7 +34,7 @@ class StationProcess:
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self.sub = Subscriber(self.endpoint, station=station_id, curve=curve)
-        self.proc = subprocess.Popen(station_cmd("run", "--config", str(self.config_path)),
+        self.proc = subprocess.Popen([*(prefix or []), *station_cmd("run", "--config", str(self.config_path))],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self._reader = threading.Thread(target=self._read, daemon=True)
