@@ -52,17 +52,19 @@ class MemorySource:
     frames are skipped by the station, visibly); None: as fast as accepted.
     """
 
-    def __init__(self, images: list[np.ndarray], rate: float | None = None) -> None:
+    def __init__(self, images: list[np.ndarray], rate: float | None = None, count: int | None = None) -> None:
         self.images = images
         self.rate = rate
         self.finite = rate is None
+        self.count = len(images) if count is None else count  # more than len(images): cycled
 
     def describe(self) -> str:
-        return f"{len(self.images)} in-memory frames" + (f" at {self.rate:g} fps" if self.rate else "")
+        return f"{self.count} in-memory frames" + (f" at {self.rate:g} fps" if self.rate else "")
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         start = time.monotonic()
-        for seq, image in enumerate(self.images):
+        for seq in range(self.count):
+            image = self.images[seq % len(self.images)]
             if self.rate:
                 delay = start + seq / self.rate - time.monotonic()
                 if delay > 0 and stop.wait(delay):

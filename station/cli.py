@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offered frame rate for the latency measurement")
     b.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
 
+    so = sub.add_parser("soak", help="many frames through the daemon to an outside subscriber: nothing lost, "
+                                     "memory flat (exit 1 if not)")
+    so.add_argument("--model", type=Path, required=True)
+    so.add_argument("--frames", type=_positive_int, default=100_000)
+    so.add_argument("--workers", type=int, default=0, help="inspection workers (0: one per usable core)")
+    so.add_argument("--threads", type=int, default=0, help="intra-op threads per model session")
+    so.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
+    _add_backend_args(so)
+
     g = sub.add_parser("build-engine", help="build TensorRT engines of a bundle for this GPU (cached in the bundle)")
     g.add_argument("--model", type=Path, required=True)
     g.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"])
@@ -646,6 +655,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from station import parallelism
+    from station.bundle import load_bundle
+    from station.pipeline import Pipeline
+    from station.soak import soak, write_json
+
+    plan = parallelism.plan(args.workers, args.threads)
+    parallelism.apply(plan)
+    pipeline = Pipeline(load_bundle(args.model), backend=_backend_spec(args, plan))
+    pipeline.warm_up()
+    print(f"soak: {args.frames} frames, {plan.workers} workers, backend {pipeline.inspector.backend}",
+          file=sys.stderr)
+    report = soak(pipeline, args.frames, plan.workers)
+    for line in report.lines():
+        print(line)
+    if args.json:
+        write_json(report, args.json)
+    return EXIT_OK if report.ok else EXIT_RUNTIME
+
+
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from station.backends import ROLES
     from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines
@@ -687,6 +716,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "bench": cmd_bench,
     "build-engine": cmd_build_engine,
+    "soak": cmd_soak,
     "keys": cmd_keys,
     "bridge": cmd_bridge,
     "mes-query": cmd_mes_query,
@@ -700,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from station.logsetup import configure_logging
 
         # bench runs the station several times: its lifecycle lines would bury the report.
-        configure_logging(args.log_level or ("warning" if args.command == "bench" else "info"))
+        configure_logging(args.log_level or ("warning" if args.command in ("bench", "soak") else "info"))
     try:
         return HANDLERS[args.command](args)
     except StationError as exc:
