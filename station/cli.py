@@ -126,10 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     bridges = bridge.add_subparsers(dest="bridge", required=True, metavar="KIND")
     ou = bridges.add_parser("opcua", help="OPC UA server: last verdict, seq, WS Pack counters, a reject pulse")
     ou.add_argument("--listen", default="opc.tcp://0.0.0.0:4840/station/", help="the server's endpoint URL")
-    ou.add_argument("--reject-pulse-ms", type=_positive_int, default=500, help="how long RejectPulse stays true")
+    ou.add_argument("--reject-pulse-ms", type=_positive_int, default=500,
+                    help="how long RejectPulse stays true (0: no pulse)")
     mb = bridges.add_parser("modbus", help="Modbus TCP server: reject coil, vision handshake, counter registers")
     mb.add_argument("--listen", default="0.0.0.0:5020", metavar="HOST:PORT")
-    mb.add_argument("--unit", type=_positive_int, default=1, help="Modbus unit (slave) id")
+    mb.add_argument("--unit", type=_positive_int, default=1, help="Modbus unit (slave) id (0: answer every unit id)")
     me = bridges.add_parser("mes", help="append every verdict to SQLite, with gaps recorded")
     me.add_argument("--db", type=Path, required=True, help="SQLite file (created if missing)")
     for bp in (ou, mb, me):

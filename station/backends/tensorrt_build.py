@@ -156,8 +156,8 @@ def _calibration_batches(bundle: Bundle, role: str, folder: Path) -> Iterator[li
 def _calibrator(bundle: Bundle, role: str, options: BuildOptions) -> trt.IInt8Calibrator:
     cache_path = bundle.root / "calibration" / f"tensorrt-int8-{role}.cache"
     if options.calibration is None and not cache_path.is_file():
-        raise ConfigError("--calibration: INT8 needs a folder of bottle images from the line "
-                          f"(or an earlier calibration cache at {cache_path})")
+        raise ConfigError("INT8 engines need calibrating on bottle images from the line: run station build-engine "
+                          f"--model {bundle.root} --precision int8 --calibration DIR (no cache at {cache_path} yet)")
     cuda = cuda_driver()
     batches = iter(()) if options.calibration is None else _calibration_batches(bundle, role, options.calibration)
 
