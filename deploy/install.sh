@@ -61,6 +61,12 @@ python3 -m venv $SYSTEM_SITE "$venv"
 spec=$src
 [ -n "$EXTRAS" ] && spec="$src[$EXTRAS]"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "$spec" 2> >(grep -v '^WARNING: Location' >&2)
+if [ -n "$SYSTEM_SITE" ]; then
+  # A Jetson: TensorRT comes from JetPack (seen through --system-site-packages); pycuda is built here
+  # against JetPack's CUDA toolkit.
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "pycuda>=2024.1" \
+    2> >(grep -v '^WARNING: Location' >&2)
+fi
 if [ -n "$root" ]; then
   # A venv records its own path in its scripts and pyvenv.cfg; staged under DESTDIR it must
   # name the path it will have once installed.

@@ -101,7 +101,7 @@ class _Drain:
                 self.received += 1
 
 
-def _free_endpoint() -> str:
+def free_endpoint() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
@@ -113,7 +113,7 @@ class Bench:
         self.workers = workers
 
     def _publisher(self) -> tuple[VerdictPublisher, _Drain, threading.Event, threading.Thread]:
-        endpoint = _free_endpoint()  # each measurement its own port: a closed socket lingers on its own
+        endpoint = free_endpoint()  # each measurement its own port: a closed socket lingers on its own
         publisher = VerdictPublisher(endpoint, "bench", uuid.uuid4().hex)
         drain = _Drain(Subscriber(endpoint, station="bench"))
         stop = threading.Event()

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from station.bench import MemorySource, _free_endpoint, synth_images
+from station.bench import MemorySource, free_endpoint, synth_images
 from station.daemon import Station
 from station.errors import StationError
 from station.pipeline import Pipeline
@@ -83,7 +83,7 @@ class _MemoryProbe:
 
 def soak(pipeline: Pipeline, frames: int, workers: int, distinct: int = 60) -> SoakReport:
     images = synth_images(min(distinct, frames))
-    endpoint = _free_endpoint()
+    endpoint = free_endpoint()
     publisher = VerdictPublisher(endpoint, "soak", uuid.uuid4().hex)
     subscriber = subprocess.Popen(
         [sys.executable, "-m", "station.cli", "subscribe", "--connect", endpoint, "--station-id", "soak",
@@ -98,7 +98,10 @@ def soak(pipeline: Pipeline, frames: int, workers: int, distinct: int = 60) -> S
         counters = station.run(threading.Event())
         seconds = time.monotonic() - t0
         final = rss_bytes()
-        _, err = subscriber.communicate(timeout=120)
+        try:
+            _, err = subscriber.communicate(timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            raise StationError("the soak's subscriber did not finish within 120 s of the last verdict") from exc
     finally:
         subscriber.kill()
         publisher.close()

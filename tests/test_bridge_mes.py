@@ -99,3 +99,18 @@ def test_verdicts_missed_while_the_recorder_was_down_are_recorded_as_a_gap(bundl
 def test_query_of_a_missing_database_exits_2(tmp_path: Path) -> None:
     proc = run_station("mes-query", "--db", str(tmp_path / "nope.sqlite"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_a_restart_of_a_recorded_station_is_expected_from_seq_0(tmp_path: Path) -> None:
+    from station.bridges.mes import Recorder, open_db
+
+    db = open_db(tmp_path / "mes.sqlite", create=True)
+    recorder = Recorder(db)
+    # Joined the station's first run mid-way: that is where recording starts, no gap.
+    for seq in (5, 6, 7):
+        recorder.record({"station": "a", "run_id": "r1", "seq": seq, "verdict": "pass"})
+    # The station restarted while the recorder was away; the first verdict it hears of is seq 56.
+    recorder.record({"station": "a", "run_id": "r2", "seq": 56, "verdict": "fail"})
+    assert db.execute("SELECT run_id, first_seq, last_seq, missed FROM gaps").fetchall() == [("r2", 0, 55, 56)]
+    assert recorder.record({"station": "a", "run_id": "r2", "seq": "x", "verdict": "pass"}) is False
+    db.close()

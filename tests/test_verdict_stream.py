@@ -147,3 +147,15 @@ def test_reconnecting_after_missing_verdicts_reports_them(bundle: Path, eval_roo
     finally:
         feed.close()
         station.close()
+
+
+def test_tracker_counts_what_a_restart_or_reconnect_hid() -> None:
+    from station.publish import SequenceTracker
+
+    t = SequenceTracker()
+    assert t.join("r1", 40) == ["joined run r1 at seq 40"] and t.missed == 0  # joining mid-run is not a loss
+    assert t.observe("r1", 40) == [] and t.observe("r1", 43) != [] and t.missed == 2
+    assert t.join("r1", 50) == ["reconnected: 6 verdicts published while disconnected (seq 44…49)"]
+    assert t.join("r2", 3)[1] == "3 verdicts of the new run were missed (seq 0…2)"
+    assert (t.gaps, t.missed) == (3, 11)
+    assert t.observe("r3", 0) == ["new run_id r3 (was r2): the station restarted"] and t.missed == 11

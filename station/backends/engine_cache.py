@@ -20,6 +20,7 @@ from typing import Any
 
 from station.backends.gpu import GpuInfo
 from station.bundle import Bundle
+from station.errors import BackendError
 
 ENGINES = "engines"
 META = "engine.json"
@@ -72,10 +73,14 @@ class EngineCache:
         """The plans for ``key``; None when there are none; StaleEngines when they may not be used."""
         folder = self.folder(key)
         meta_path = folder / META
-        if not meta_path.is_file():
-            return None
         try:
+            if not meta_path.is_file():
+                return None
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except PermissionError as exc:
+            raise BackendError(f"{folder}: cannot read the engine cache ({exc.strerror}); was it built by "
+                               "another user? Rebuild it as the service's user, or chown it") from exc
+        try:
             recorded = EngineKey(**meta["key"])
             models = meta["models"]
         except (ValueError, KeyError, TypeError) as exc:
@@ -101,6 +106,7 @@ class EngineCache:
         """Write the plans and engine.json into a new folder, then swap it in: never half a cache."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key.dirname}.", dir=self.root))
+        tmp.chmod(0o755)  # mkdtemp makes 0700: the service's user must read what an installer built
         try:
             models: dict[str, Any] = {}
             for role, blob in plans.items():

@@ -15,7 +15,7 @@ from station.errors import MissingDependencyError
 
 INSTALL_HINT = (
     "install the tensorrt extra (pip install 'station[tensorrt]' on a discrete GPU; on a Jetson, JetPack's "
-    "python3-libnvinfer and python3-pycuda, see docs/jetson.md)"
+    "python3-libnvinfer and pip install pycuda, see docs/jetson.md)"
 )
 
 

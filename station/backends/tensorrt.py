@@ -30,6 +30,11 @@ import tensorrt as trt  # import this module only after gpu.probe(): it says wha
 from station.backends.gpu import cuda_driver
 from station.errors import BackendError, BundleError
 
+#: one logger for every TensorRT object of the process (TensorRT keeps the first one it is given)
+TRT_LOGGER = trt.Logger(trt.Logger.WARNING)
+#: execution slots per model: each holds a context's activation memory; more than a few gain nothing
+MAX_SLOTS = 8
+
 
 def shape_of(dims: trt.Dims) -> tuple[int, ...]:
     return tuple(dims[i] for i in range(len(dims)))
@@ -81,9 +86,8 @@ class TensorRtModel:
                  slots: int = 1) -> None:
         self.name = plan.name
         self._device = device
-        self._logger = trt.Logger(trt.Logger.WARNING)
         with device.active():
-            self._runtime = trt.Runtime(self._logger)
+            self._runtime = trt.Runtime(TRT_LOGGER)
             engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
             if engine is None:
                 raise BackendError(
@@ -101,18 +105,22 @@ class TensorRtModel:
             self._inputs = input_names
             self._output = output_name
             self._dtypes = {n: numpy_dtype(engine.get_tensor_dtype(n)) for n in (*input_names, output_name)}
-            self._all_slots = [_Slot(engine.create_execution_context(), device.cuda.Stream())
-                               for _ in range(max(1, slots))]
+            self._all_slots: list[_Slot] = []
+            # Device memory and streams must go while the context is current: at collection or at exit.
+            weakref.finalize(self, _release, device, self._all_slots)
+            for _ in range(min(max(1, slots), MAX_SLOTS)):
+                context = engine.create_execution_context()
+                if context is None:
+                    raise BackendError(f"{plan}: TensorRT could not create an execution context "
+                                       f"(out of GPU memory with {len(self._all_slots)} already made?)")
+                self._all_slots.append(_Slot(context, device.cuda.Stream()))
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         for slot in self._all_slots:
             self._free.put(slot)
-        # Device memory must be freed while the context is still there: at collection or at exit.
-        weakref.finalize(self, _release, device, self._all_slots)
         # Warm-up at the profile's optimum shape: the batch the station runs the model with.
         blanks = [np.zeros(shape_of(engine.get_tensor_profile_shape(n, 0)[1]), np.float32) for n in input_names]
-        for slot in self._all_slots:
-            with device.active():
-                self._run_on(slot, blanks)
+        for _ in self._all_slots:
+            self.run(*blanks)  # takes each slot in turn: the queue hands them out in order
 
     def run(self, *batches: np.ndarray) -> np.ndarray:
         slot = self._free.get()
@@ -162,6 +170,8 @@ class TensorRtModel:
 
 
 def _release(device: CudaDevice, slots: list[_Slot]) -> None:
+    # pycuda destroys a stream only with its context current; after a SIGHUP reload the old model is
+    # collected on another thread, so everything is let go here, inside the context.
     try:
         with device.active():
             for slot in slots:
@@ -169,5 +179,6 @@ def _release(device: CudaDevice, slots: list[_Slot]) -> None:
                     if buf.device_alloc is not None:
                         buf.device_alloc.free()
                 slot.buffers.clear()
+            slots.clear()
     except Exception:  # at interpreter exit the driver may already be gone; nothing left to free then
         pass

@@ -5,8 +5,9 @@ entropy calibrator on images run through the station's own preprocessing (and,
 for a classifier that reads the anomaly map, the bundle's autoencoder in ONNX
 Runtime), so the ranges it measures are the ones serving will see. The
 calibration cache goes to ``<bundle>/calibration/`` and is reused by later
-builds. A timing cache (``<bundle>/engines/timing.cache``) makes rebuilds, and
-builds of the other precisions, much faster.
+builds. A timing cache per GPU and TensorRT version
+(``<bundle>/engines/timing-<gpu>-sm<cc>-trt<version>.cache``) makes rebuilds,
+and builds of the other precisions, much faster.
 
 Batch: each model gets one optimisation profile at the batch the station runs
 it with (1 for the autoencoder, the classifier's rotations); ``max_batch``
@@ -16,7 +17,7 @@ widens that to a dynamic range 1…max_batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,15 @@ import numpy as np
 import structlog
 import tensorrt as trt  # import this module only after gpu.probe(): it says what is missing
 
+from station.backends import ROLES
 from station.backends.engine_cache import PRECISIONS, CachedEngines, EngineCache, EngineKey
 from station.backends.gpu import GpuInfo, cuda_driver, probe
-from station.backends.tensorrt import shape_of
+from station.backends.tensorrt import TRT_LOGGER, CudaDevice, shape_of
 from station.bundle import Bundle
 from station.errors import BackendError, ConfigError, DatasetError
 
 log = structlog.get_logger("station.build_engine")
 
-ROLES = ("autoencoder", "classifier")
-TIMING_CACHE = "timing.cache"
 DEFAULT_WORKSPACE_MB = 1024
 CALIBRATION_IMAGES = 64
 
@@ -65,22 +65,17 @@ def build_engines(bundle: Bundle, options: BuildOptions, gpu: GpuInfo | None = N
     key = EngineKey.for_gpu(gpu, options.precision)
     cache = EngineCache(bundle)
     cache.root.mkdir(parents=True, exist_ok=True)
-    timing_path = cache.root / TIMING_CACHE
-    logger = trt.Logger(trt.Logger.WARNING)
-    device = cuda_driver().Device(0)
-    context = device.retain_primary_context()
-    context.push()
-    try:
-        plans: dict[str, bytes] = {}
-        seconds: dict[str, float] = {}
+    # Timing data is only valid for the GPU and TensorRT version that measured it.
+    timing_path = cache.root / f"timing-{key.gpu}-{key.compute_capability}-trt{key.tensorrt}.cache"
+    plans: dict[str, bytes] = {}
+    seconds: dict[str, float] = {}
+    with CudaDevice().active():
         for role in ROLES:
             progress(f"building the {role} ({options.precision}) for {gpu.name}")
             t0 = time.perf_counter()
             calibrator = _calibrator(bundle, role, options) if options.precision == "int8" else None
-            plans[role] = _build_one(logger, bundle, role, options, timing_path, calibrator)
+            plans[role] = _build_one(TRT_LOGGER, bundle, role, options, timing_path, calibrator)
             seconds[role] = round(time.perf_counter() - t0, 1)
-    finally:
-        context.pop()
     details = {
         "gpu": gpu.name, "integrated": gpu.integrated, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "workspace_mb": options.workspace_mb, "max_batch": options.max_batch, "build_seconds": seconds,
@@ -124,33 +119,51 @@ def _build_one(logger: trt.ILogger, bundle: Bundle, role: str, options: BuildOpt
     if calibrator is not None:
         config.set_calibration_profile(profile)
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-    config.set_timing_cache(timing, False)
+    if not config.set_timing_cache(timing, False):
+        log.warning("timing_cache_refused", path=str(timing_path), note="building without it")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BackendError(f"{onnx}: TensorRT could not build a {options.precision} engine (see its log above)")
-    timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    calibration_error = getattr(calibrator, "error", None)
+    if calibration_error is not None:
+        raise calibration_error  # TensorRT swallows exceptions from get_batch: raise the first one here
+    updated = config.get_timing_cache()
+    if updated is not None:
+        tmp = timing_path.with_suffix(".tmp")
+        tmp.write_bytes(bytes(updated.serialize()))
+        tmp.replace(timing_path)
     return bytes(plan)
 
 
-def _calibration_batches(bundle: Bundle, role: str, folder: Path) -> Iterator[list[np.ndarray]]:
-    """The inputs ``role`` sees in serving, one inspection at a time, from the images in ``folder``."""
+def _calibration_batches(bundle: Bundle, role: str, folder: Path) -> list[dict[str, np.ndarray]]:
+    """The inputs ``role`` sees in serving, by input name, one inspection each, from images in ``folder``.
+
+    Made before the build: TensorRT swallows exceptions raised while it calibrates, so an unreadable
+    image must fail here, naming itself, not end the calibration early without a word.
+    """
+    from station.errors import FrameError
     from station.imageio import read_image
     from station.inspector import Inspector
     from station.mvtec import list_images
     from station.preprocess import preprocess
 
-    found = list_images(folder)
+    found = list_images(folder) if folder.is_dir() else []
+    if not found:
+        raise DatasetError(f"--calibration {folder}: no images found")
     # Evenly spaced over the sorted list, so every class folder contributes its share.
     images = found[:: max(1, len(found) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
-    if not images:
-        raise DatasetError(f"--calibration {folder}: no images found")
     reference = Inspector(bundle, "onnxruntime")  # the classifier's map input comes from the autoencoder
+    names = bundle.manifest.models[role].inputs
+    batches = []
     for path in images:
-        inputs = preprocess(read_image(path), reference.preprocess_spec)
-        if role == "autoencoder":
-            yield [inputs.autoencoder]
-        else:
-            yield reference.classifier_batches(inputs, reference.autoencoder.run(inputs.autoencoder))
+        try:
+            inputs = preprocess(read_image(path), reference.preprocess_spec)
+        except FrameError as exc:
+            raise DatasetError(f"--calibration: {path}: {exc.detail}") from exc
+        arrays = ([inputs.autoencoder] if role == "autoencoder"
+                  else reference.classifier_batches(inputs, reference.autoencoder.run(inputs.autoencoder)))
+        batches.append({n: np.ascontiguousarray(a, np.float32) for n, a in zip(names, arrays, strict=True)})
+    return batches
 
 
 def _calibrator(bundle: Bundle, role: str, options: BuildOptions) -> trt.IInt8Calibrator:
@@ -159,25 +172,32 @@ def _calibrator(bundle: Bundle, role: str, options: BuildOptions) -> trt.IInt8Ca
         raise ConfigError("INT8 engines need calibrating on bottle images from the line: run station build-engine "
                           f"--model {bundle.root} --precision int8 --calibration DIR (no cache at {cache_path} yet)")
     cuda = cuda_driver()
-    batches = iter(()) if options.calibration is None else _calibration_batches(bundle, role, options.calibration)
+    batches = [] if options.calibration is None else _calibration_batches(bundle, role, options.calibration)
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
-            self.device: list[Any] = []
+            self.device: dict[str, Any] = {}
+            self.next = 0
+            self.error: Exception | None = None
 
         def get_batch_size(self) -> int:
             return serving_batch(bundle, role)
 
         def get_batch(self, names: list[str]) -> list[int]:
-            arrays = next(batches, None)
-            if arrays is None:
+            try:
+                if self.next >= len(batches):
+                    return []
+                arrays = batches[self.next]
+                self.next += 1
+                for name in names:  # in the order TensorRT asks, which need not be the manifest's
+                    if name not in self.device:
+                        self.device[name] = cuda.mem_alloc(arrays[name].nbytes)
+                    cuda.memcpy_htod(self.device[name], arrays[name])
+                return [int(self.device[name]) for name in names]
+            except Exception as exc:
+                self.error = self.error or exc
                 return []
-            if not self.device:
-                self.device = [cuda.mem_alloc(a.nbytes) for a in arrays]
-            for dev, a in zip(self.device, arrays, strict=True):
-                cuda.memcpy_htod(dev, np.ascontiguousarray(a, np.float32))
-            return [int(d) for d in self.device]
 
         def read_calibration_cache(self) -> bytes | None:
             return cache_path.read_bytes() if cache_path.is_file() and options.calibration is None else None

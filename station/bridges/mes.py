@@ -4,8 +4,12 @@ Gaps are found against the database, not the connection: the recorder keeps,
 per station and run, the highest seq stored, so verdicts published while the
 recorder was stopped or disconnected show up as a gap once it is back (the
 station's welcome carries the last verdict, which tells the recorder where the
-run has got to). A verdict already stored (the welcome repeats the last one)
-is ignored, so a row is never written twice.
+run has got to). A new run of a station already recorded (a restart) is
+expected from seq 0; only the very first run of a station is taken from
+wherever the recorder joined it. The tail of a run that ended while the
+recorder was away cannot be known, as nothing tells how far it went. A
+verdict already stored (the welcome repeats the last one) is ignored, so a
+row is never written twice.
 
 Tables: ``verdicts`` (one row per verdict, the full message in ``message``),
 ``gaps`` (station, run, first and last missing seq), ``runs`` (first and last
@@ -100,14 +104,20 @@ class Recorder:
         if key not in self._next:
             row = self.db.execute("SELECT MAX(seq) FROM verdicts WHERE station = ? AND run_id = ?",
                                   key).fetchone()
-            if row[0] is None:
-                return None  # a run this database has not seen: it starts wherever we joined it
-            self._next[key] = int(row[0]) + 1
+            if row[0] is not None:
+                self._next[key] = int(row[0]) + 1
+            elif self.db.execute("SELECT 1 FROM runs WHERE station = ? LIMIT 1", (station,)).fetchone():
+                self._next[key] = 0  # a restart of a station we record: its new run starts at seq 0
+            else:
+                return None  # the first run of a station we have never seen: it starts wherever we joined it
         return self._next[key]
 
     def record(self, m: dict[str, Any]) -> bool:
         """Store one verdict; False if it was already stored."""
-        station, run_id, seq = str(m.get("station")), str(m.get("run_id")), int(m.get("seq", -1))
+        station, run_id, seq = str(m.get("station")), str(m.get("run_id")), m.get("seq")
+        if not isinstance(seq, int) or seq < 0:
+            log.warning("verdict_ignored", reason="no valid seq", seq=seq, station=station)
+            return False
         now = iso_utc(time.time())
         expected = self._expected(station, run_id)
         cls, anomaly, error = m.get("class") or {}, m.get("anomaly") or {}, m.get("error") or {}

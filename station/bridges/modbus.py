@@ -50,7 +50,8 @@ MAP_VERSION = 1
 QUEUE_LIMIT = 1000
 #: how long the feed is polled before the loop looks at ``stop`` again
 POLL_S = 0.2
-#: no message from the station for this long (three heartbeats) and StationOnline drops
+#: no message from the station for this long (or three observed heartbeat intervals, if longer) and
+#: StationOnline drops
 ONLINE_WITHIN_S = 3.0
 #: how often a growing drop count is logged, at most
 DROP_LOG_EVERY_S = 10.0
@@ -250,6 +251,8 @@ class BridgeState:
         self.state_code = 0
         self.heartbeats = 0
         self.last_message: float | None = None
+        self._last_heartbeat: float | None = None
+        self._heartbeat_interval = 0.0  # as observed: publish.heartbeat_interval_s may be up to 60 s
         self.latest: Result | None = None
         self.reject_count = 0
         self.ack_coil = False
@@ -266,6 +269,9 @@ class BridgeState:
             return self._verdict(m)
         if event.kind == "heartbeat":
             self.heartbeats += 1
+            if self._last_heartbeat is not None:
+                self._heartbeat_interval = self.last_message - self._last_heartbeat
+            self._last_heartbeat = self.last_message
         self._status(m)
         if event.kind == "welcome" and event.verdict is not None:
             # Shown as the latest, never latched: the PLC acted on it (or could not) long ago.
@@ -321,7 +327,8 @@ class BridgeState:
     # rendering
 
     def online(self) -> bool:
-        return self.last_message is not None and self.clock() - self.last_message < ONLINE_WITHIN_S
+        window = max(ONLINE_WITHIN_S, 3 * self._heartbeat_interval)
+        return self.last_message is not None and self.clock() - self.last_message < window
 
     def status_word(self) -> int:
         h, r = self.handshake, self.handshake.latched

@@ -128,7 +128,8 @@ def _float(value: Any) -> float:
 
 def _utc(text: Any) -> datetime:
     try:
-        return datetime.fromisoformat(str(text)).astimezone(timezone.utc)
+        # Python 3.10 (a Jetson's) does not read a trailing Z.
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).astimezone(timezone.utc)
     except ValueError:
         return NO_TIME
 
