@@ -24,8 +24,9 @@ def test_bench_reports_every_stage_and_throughput(bundle: Path, eval_root: Path,
     assert r["ratios"]["station_memory_vs_bare_inference"] == t["station_memory"] / t["bare_inference"]
     assert r["offered"]["published"] == 16  # every offered frame got a verdict, inspected or skipped
     assert r["offered"]["latency_ms"]["n"] + r["offered"]["skipped"] == 16
+    assert r["offered"]["bare_latency_ms"]["n"] == 16  # the same frames, alone, as the machine's baseline
     for line in ("bare inference", "naive sequential loop", "station, in-memory", "station, PNG files",
-                 "offered 50 frames/s"):
+                 "offered 50 frames/s", "the same work alone"):
         assert line in proc.stdout
 
 
