@@ -229,15 +229,19 @@ class SequenceTracker:
         self.gaps = 0
         self.missed = 0
 
+    def _lost(self, n: int, note: str) -> list[str]:
+        self.gaps += 1
+        self.missed += n
+        return [note]
+
     def _new_run(self, run_id: str, first_seq: int) -> list[str]:
         """A run_id not seen before, whose first message here has seq ``first_seq``."""
         notes: list[str] = []
         if self.run_id is not None:
             notes.append(f"new run_id {run_id} (was {self.run_id}): the station restarted")
             if first_seq > 0:  # the new run's first verdicts went by before we heard from it
-                self.gaps += 1
-                self.missed += first_seq
-                notes.append(f"{first_seq} verdicts of the new run were missed (seq 0…{first_seq - 1})")
+                notes += self._lost(first_seq, f"{first_seq} verdicts of the new run were missed "
+                                               f"(seq 0…{first_seq - 1})")
         elif first_seq > 0:
             notes.append(f"joined run {run_id} at seq {first_seq}")
         self.run_id = run_id
@@ -249,9 +253,8 @@ class SequenceTracker:
             notes = self._new_run(run_id, next_seq)
         elif next_seq > self.expected:
             lost = next_seq - self.expected
-            self.gaps += 1
-            self.missed += lost
-            notes = [f"reconnected: {lost} verdicts published while disconnected (seq {self.expected}…{next_seq - 1})"]
+            notes = self._lost(lost, f"reconnected: {lost} verdicts published while disconnected "
+                                     f"(seq {self.expected}…{next_seq - 1})")
         else:
             notes = []
         # The welcome is the first message on a connection: what follows starts at next_seq.
@@ -263,9 +266,7 @@ class SequenceTracker:
             notes = self._new_run(run_id, seq)
         elif seq > self.expected:
             lost = seq - self.expected
-            self.gaps += 1
-            self.missed += lost
-            notes = [f"seq gap: expected {self.expected}, got {seq} ({lost} verdicts missed)"]
+            notes = self._lost(lost, f"seq gap: expected {self.expected}, got {seq} ({lost} verdicts missed)")
         elif seq < self.expected:
             notes = [f"seq went back: expected {self.expected}, got {seq}"]
         else:

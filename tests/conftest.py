@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,21 @@ def free_endpoint() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"tcp://127.0.0.1:{port}"
+
+
+def start_bridge(kind: str, endpoint: str, *args: str) -> subprocess.Popen[str]:
+    """`station bridge KIND --connect ENDPOINT ARGS…` as a process, output captured."""
+    return subprocess.Popen(station_cmd("bridge", kind, "--connect", endpoint, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop_bridge(bridge: subprocess.Popen[str], stopped_event: str) -> str:
+    """SIGTERM: the bridge exits 0 and logs ``stopped_event``; returns its stderr."""
+    bridge.send_signal(signal.SIGTERM)
+    _, err = bridge.communicate(timeout=30)
+    assert bridge.returncode == 0, err[-3000:]
+    assert stopped_event in err
+    return err
 
 
 @pytest.fixture(scope="session")

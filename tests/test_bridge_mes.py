@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import free_endpoint, run_station, station_cmd
+from tests.conftest import free_endpoint, run_station, start_bridge, stop_bridge
 from tests.stationproc import StationProcess
 from tests.test_verdict_stream import _drop
 
 
 def _recorder(endpoint: str, db: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(station_cmd("bridge", "mes", "--connect", endpoint, "--db", str(db)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_bridge("mes", endpoint, "--db", str(db))
 
 
 def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
@@ -48,8 +46,7 @@ def test_recorder_keeps_every_verdict_of_a_replay(bundle: Path, eval_root: Path,
         assert replay.returncode == 0, replay.stderr
         published = [json.loads(line) for line in out.read_text().splitlines()]
         _until("every verdict", lambda: len(_rows(db, "SELECT seq FROM verdicts")) == len(published), recorder)
-        recorder.send_signal(signal.SIGTERM)
-        assert recorder.wait(timeout=30) == 0
+        stop_bridge(recorder, "mes_recorder_stopped")
     finally:
         recorder.kill()
     stored = _rows(db, "SELECT seq, verdict, frame_id, message FROM verdicts ORDER BY seq")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import time
@@ -29,7 +28,7 @@ from station.bridges.modbus import (
     Handshake,
     Result,
 )
-from tests.conftest import free_endpoint, run_station, station_cmd
+from tests.conftest import free_endpoint, run_station, start_bridge, station_cmd, stop_bridge
 
 UNIT = 1
 #: how often the test PLC polls, as a PLC task would
@@ -43,15 +42,11 @@ def _free_port() -> int:
 
 
 def _bridge(endpoint: str, port: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(station_cmd("bridge", "modbus", "--connect", endpoint, "--listen", f"127.0.0.1:{port}"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_bridge("modbus", endpoint, "--listen", f"127.0.0.1:{port}")
 
 
 def _stop(bridge: subprocess.Popen[str]) -> None:
-    bridge.send_signal(signal.SIGTERM)
-    _, err = bridge.communicate(timeout=30)
-    assert bridge.returncode == 0, err[-3000:]
-    assert "modbus_bridge_stopped" in err
+    stop_bridge(bridge, "modbus_bridge_stopped")
 
 
 def u32(regs: list[int], addr: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import subprocess
 import time
@@ -20,7 +19,7 @@ from asyncua.common.subscription import DataChangeNotif
 from station.bridges.feed import FeedEvent
 from station.bridges.opcua import NAMESPACE_URI, StationView
 from station.publish import SequenceTracker
-from tests.conftest import free_endpoint, run_station, station_cmd
+from tests.conftest import free_endpoint, run_station, start_bridge, stop_bridge
 from tests.stationproc import StationProcess
 from tests.test_verdict_stream import _drop
 
@@ -32,15 +31,11 @@ def _free_opcua_url() -> str:
 
 
 def _bridge(endpoint: str, url: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(station_cmd("bridge", "opcua", "--connect", endpoint, "--listen", url, *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_bridge("opcua", endpoint, "--listen", url, *extra)
 
 
 def _stop(bridge: subprocess.Popen[str]) -> None:
-    bridge.send_signal(signal.SIGTERM)
-    _, err = bridge.communicate(timeout=30)
-    assert bridge.returncode == 0, err[-3000:]
-    assert "opcua_bridge_stopped" in err
+    stop_bridge(bridge, "opcua_bridge_stopped")
 
 
 def _alive(bridge: subprocess.Popen[str]) -> None:
@@ -149,6 +144,12 @@ def test_replay_through_the_bridge_counts_every_bottle_and_pulses_on_fails(bundl
                 return now == {"State": "stopped", "WS_Cur_State": 1, "RejectPulse": False}
 
             await plc.until("the stopped heartbeat and the pulse back low", stopped_and_pulse_low)
+
+            async def subscription_saw_it_low() -> bool:
+                # Data-change notifications come on the subscription's own publishing cycle, after a read.
+                return bool(pulses.values) and pulses.values[-1] is False
+
+            await plc.until("the subscription to report the pulse low", subscription_saw_it_low)
             await subscription.delete()
             # Overlapping fails extend one pulse rather than each making its own edge; each lasts the 300 ms.
             highs = pulses.highs()
