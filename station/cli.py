@@ -678,7 +678,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
     from station.backends import ROLES
-    from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines
+    from station.backends.engine_cache import EngineCache, EngineKey
     from station.backends.gpu import probe
     from station.bundle import load_bundle
 
@@ -691,12 +691,10 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     key = EngineKey.for_gpu(gpu, args.precision)
     cache = EngineCache(bundle)
     if not args.force:
-        try:
-            cached = cache.lookup(key, ROLES)
-        except StaleEngines as exc:
-            print(f"build-engine: rebuilding: {exc}", file=sys.stderr)
-            cached = None
-        if cached is not None:
+        cached, why = cache.usable(key, ROLES)
+        if cached is None:
+            print(f"build-engine: building: {why}", file=sys.stderr)
+        else:
             print(f"build-engine: {cache.folder(key)} is up to date (--force rebuilds)")
             return EXIT_OK
     t0 = time.perf_counter()

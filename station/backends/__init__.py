@@ -79,7 +79,7 @@ def load_models(bundle: Bundle, spec: BackendSpec) -> tuple[Choice, dict[str, Mo
 
 
 def _load_tensorrt(bundle: Bundle, spec: BackendSpec) -> dict[str, ModelRunner]:
-    from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines
+    from station.backends.engine_cache import EngineCache, EngineKey
     from station.backends.gpu import probe
     from station.backends.tensorrt import CudaDevice, TensorRtModel
     from station.backends.tensorrt_build import BuildOptions, build_engines
@@ -87,11 +87,7 @@ def _load_tensorrt(bundle: Bundle, spec: BackendSpec) -> dict[str, ModelRunner]:
     gpu = probe()
     key = EngineKey.for_gpu(gpu, spec.precision)
     cache = EngineCache(bundle)
-    why = "no plan"
-    try:
-        cached = cache.lookup(key, ROLES)
-    except StaleEngines as exc:
-        cached, why = None, str(exc)
+    cached, why = cache.usable(key, ROLES)
     if cached is None:
         if not spec.build_engines:
             present = ", ".join(cache.available()) or "none"

@@ -102,6 +102,14 @@ class EngineCache:
             plans[role] = plan
         return CachedEngines(key, plans, meta)
 
+    def usable(self, key: EngineKey, roles: tuple[str, ...]) -> tuple[CachedEngines | None, str]:
+        """The plans for ``key`` if they may be loaded, else None and why not (for the log and messages)."""
+        try:
+            cached = self.lookup(key, roles)
+        except StaleEngines as exc:
+            return None, str(exc)
+        return cached, "" if cached is not None else "no plan"
+
     def store(self, key: EngineKey, plans: dict[str, bytes], details: dict[str, Any]) -> CachedEngines:
         """Write the plans and engine.json into a new folder, then swap it in: never half a cache."""
         self.root.mkdir(parents=True, exist_ok=True)
