@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from station.errors import BundleError
 from station.mvtec import GOOD
-from station.preprocess import Normalisation, PreprocessSpec
+from station.preprocess import Normalisation, PreprocessSpec, Sampling
 from station.validation import load_yaml_model
 
 MANIFEST = "manifest.yaml"
@@ -37,8 +37,9 @@ class ViewManifest(_Strict):
     radius_margin: float = Field(gt=1.0, le=2.0)
     min_radius_fraction: float = Field(default=0.15, gt=0, lt=1)
     max_radius_fraction: float = Field(default=0.6, gt=0, le=1)
-    #: how the canonical view is shrunk before the polar unwrap
-    interpolation: Literal["area"] = "area"
+    #: how the view is sampled for the mouth and the polar unwrap (station/preprocess.py,
+    #: PreprocessSpec.sampling); bundles trained before "area-block" existed say "area"
+    interpolation: Sampling = "area"
 
 
 class InputManifest(_Strict):
@@ -129,6 +130,7 @@ def preprocess_spec(canonical_size: int, view: ViewManifest, inputs: dict[str, I
         max_radius_fraction=view.max_radius_fraction,
         classifier=inputs["classifier"].normalisation(),
         autoencoder=inputs["autoencoder"].normalisation(),
+        sampling=view.interpolation,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 from station.bundle import load_bundle
 from station.errors import FrameError
 from station.preprocess import (
+    Mouth,
     Normalisation,
     PreprocessSpec,
     canonical_view,
@@ -114,3 +115,52 @@ def test_refuses_tiny_float_and_empty_images() -> None:
     with pytest.raises(FrameError) as empty:
         preprocess(np.full((900, 900, 3), 40, np.uint8), SPEC)
     assert empty.value.reason == "no_bottle_found"
+
+
+def test_polar_view_samples_the_radius_and_angle_it_is_meant_to() -> None:
+    """A ring drawn at 60 % of the outer radius lands in column 0.6 × radius_bins on every row,
+    and a spot at angle 90° (image y down) in row angle_bins / 4, as cv2.warpPolar lays them out."""
+    mouth = Mouth(431.0, 467.0, 300.0)
+    outer = mouth.radius * SPEC.radius_margin
+    image = np.zeros((900, 900, 3), np.uint8)
+    cv2.circle(image, (431, 467), round(0.6 * outer), (255, 255, 255), 3)
+    polar = polar_view(image, mouth, SPEC)[:, :, 0].astype(np.float32)
+    assert polar.shape == (SPEC.angle_bins, SPEC.radius_bins)
+    peaks = polar.argmax(axis=1)
+    assert np.all(np.abs(peaks - 0.6 * SPEC.radius_bins) <= 1.5)
+
+    spot = np.zeros((900, 900, 3), np.uint8)
+    cv2.circle(spot, (431, 467 + round(0.5 * outer)), 6, (255, 255, 255), -1)
+    row, col = np.unravel_index(polar_view(spot, mouth, SPEC)[:, :, 0].argmax(), polar.shape)
+    assert abs(row - SPEC.angle_bins / 4) <= 2 and abs(col - 0.5 * SPEC.radius_bins) <= 2
+
+
+def test_polar_view_beyond_the_image_edge_is_black() -> None:
+    image = np.full((900, 900, 3), 200, np.uint8)
+    mouth = Mouth(150.0, 450.0, 250.0)  # the outer circle reaches past the left edge
+    polar = polar_view(image, mouth, SPEC)[:, :, 0]
+    left = SPEC.angle_bins // 2  # angle 180°: towards x = 0
+    assert polar[left, -5:].max() == 0
+    assert polar[0, : SPEC.radius_bins // 2].min() == 200  # towards the centre of the image: all inside
+
+
+def test_a_bundle_is_served_with_the_sampling_it_was_trained_with(bundle: Path) -> None:
+    import dataclasses
+
+    from station.bundle import ViewManifest, preprocess_spec
+
+    manifest = load_bundle(bundle).manifest
+    assert manifest.view.interpolation == "area-block"  # what station train writes now
+    assert manifest.preprocess_spec().sampling == "area-block"
+    # A manifest from before the field had a second value says "area" (or nothing): served as trained.
+    older = ViewManifest(angle_bins=512, radius_bins=128, radius_margin=1.08)
+    assert preprocess_spec(900, older, manifest.inputs).sampling == "area"
+
+    image = bottle(4, "contamination")
+    legacy = dataclasses.replace(SPEC, sampling="area")
+    mouth = locate_mouth(image, SPEC)
+    old_mouth = locate_mouth(image, legacy)
+    assert abs(mouth.cx - old_mouth.cx) < 1.5 and abs(mouth.radius - old_mouth.radius) < 1.5
+    new, old = (polar_view(image, m, s).astype(np.float32) for m, s in ((mouth, SPEC), (old_mouth, legacy)))
+    # The same picture, sampled differently: close, but not the same pixels.
+    assert 0.1 < np.abs(new - old).mean() < 4.0

@@ -306,7 +306,8 @@ def prepare(opts: TrainOptions) -> Prepared:
     root = opts.data
     pool = discover(root, classes)
     split = stratified_split(pool, classes, opts.seed)
-    view = ViewManifest(angle_bins=ANGLE_BINS, radius_bins=RADIUS_BINS, radius_margin=RADIUS_MARGIN)
+    view = ViewManifest(angle_bins=ANGLE_BINS, radius_bins=RADIUS_BINS, radius_margin=RADIUS_MARGIN,
+                        interpolation="area-block")
     inputs = {
         "classifier": InputManifest(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         "autoencoder": InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
