@@ -357,8 +357,11 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     export_onnx(ae_export, (x_ae[:1],), tmp / "autoencoder.onnx", (INPUT_NAME,), "anomaly_map")
     parity_cls = check_parity(cls_export, tmp / "classifier.onnx", cls_inputs, "probabilities",
                               (x_rgb[:4], maps[:4]), atol=1e-4)
+    # The map is in z-score units of good bottles' error (thresholds are about 5): the order in
+    # which float32 convolutions accumulate moves it by about 1e-3 between backends, 500× below
+    # anything a threshold could notice, while a wrong export moves it by whole units.
     parity_ae = check_parity(ae_export, tmp / "autoencoder.onnx", (INPUT_NAME,), "anomaly_map", (x_ae[:4],),
-                             atol=1e-3)
+                             atol=1e-2)
     _say(f"exported ONNX; max |torch − ONNX Runtime|: classifier {parity_cls:.1e}, autoencoder {parity_ae:.1e}")
 
     version = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
