@@ -68,12 +68,12 @@ def test_calibrate_refuses_an_empty_folder(bundle: Path, tmp_path: Path) -> None
 
 def test_choose_threshold_hand_computed() -> None:
     # [1, 2, 3] at a 50 % target: logs 0, 0.6931, 1.0986 have mean 0.5973 and sd 0.5555.
-    # Tolerance factor, n = 3, coverage 0.5 (z_p = 0), confidence 0.9 (z_g = 1.2816):
-    # a = 1 − 1.6424/4 = 0.5894, b = −1.6424/3 = −0.5475, k = √(−a·b)/a = 0.9638.
-    # Bound exp(0.5973 + 0.9638 · 0.5555) = 3.104, above the empirical 'higher' median 2.
+    # Tolerance factor, n = 3, coverage 0.5 (z_p = 0), confidence 0.95 (z_g = 1.6449):
+    # a = 1 − 2.7055/4 = 0.3236, b = −2.7055/3 = −0.9018, k = √(−a·b)/a = 1.6693.
+    # Bound exp(0.5973 + 1.6693 · 0.5555) = 4.593, above the empirical 'higher' median 2.
     threshold, method = choose_threshold([1.0, 2.0, 3.0], 0.5)
-    assert threshold == pytest.approx(3.104, abs=0.002)
-    assert "log-normal" in method and "90%-confidence" in method
+    assert threshold == pytest.approx(4.593, abs=0.003)
+    assert "log-normal" in method and "95%-confidence" in method
     # With a 1 % target, 5 scores cannot show the tail: the fit sets it, above the maximum.
     threshold, _ = choose_threshold([1.0, 1.1, 0.9, 1.05, 0.95], 0.01)
     assert threshold > 1.1
@@ -82,9 +82,12 @@ def test_choose_threshold_hand_computed() -> None:
 def test_tolerance_factor_matches_published_tables() -> None:
     from station.calibrate import tolerance_factor
 
-    # One-sided normal tolerance factors, 99 % coverage, 90 % confidence (NIST/SEMATECH tables).
-    assert tolerance_factor(10, 0.99) == pytest.approx(3.532, rel=0.03)
-    assert tolerance_factor(20, 0.99) == pytest.approx(3.052, rel=0.03)
+    # One-sided normal tolerance factors, 99 % coverage (NIST/SEMATECH tables): 95 % confidence,
+    # the default, and 90 %.
+    assert tolerance_factor(10, 0.99) == pytest.approx(3.981, rel=0.03)
+    assert tolerance_factor(20, 0.99) == pytest.approx(3.295, rel=0.03)
+    assert tolerance_factor(10, 0.99, 0.90) == pytest.approx(3.532, rel=0.03)
+    assert tolerance_factor(20, 0.99, 0.90) == pytest.approx(3.052, rel=0.03)
     # More calibration images: the bound tightens toward the plain quantile z = 2.326.
     ks = [tolerance_factor(n, 0.99) for n in (13, 50, 200, 1000, 100_000)]
     assert ks == sorted(ks, reverse=True) and 2.326 < ks[-1] < 2.34
