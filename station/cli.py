@@ -34,6 +34,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _instant(text: str) -> str:
+    """An ISO-8601 time as the recorder stores them (UTC, milliseconds), so they compare as instants."""
+    from station.timefmt import iso_utc_ceil_ms, parse_instant
+
+    try:
+        return iso_utc_ceil_ms(parse_instant(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -141,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     mq = sub.add_parser("mes-query", help="query the MES recorder's SQLite file: verdicts, counts, gaps")
     mq.add_argument("--db", type=Path, required=True)
     mq.add_argument("--verdict", choices=["pass", "fail", "skipped"], default=None)
-    mq.add_argument("--since", default=None, metavar="ISO8601", help="captured at or after (UTC)")
-    mq.add_argument("--until", default=None, metavar="ISO8601", help="captured before (UTC)")
+    mq.add_argument("--since", type=_instant, default=None, metavar="ISO8601",
+                    help="captured at or after this time (any ISO-8601 offset; none means UTC)")
+    mq.add_argument("--until", type=_instant, default=None, metavar="ISO8601",
+                    help="captured before this time (any ISO-8601 offset; none means UTC)")
     mq.add_argument("--run-id", default=None)
     mq.add_argument("--gaps", action="store_true", help="list the recorded gaps instead of verdicts")
     mq.add_argument("--summary", action="store_true", help="counts by run and verdict instead of verdicts")

@@ -111,3 +111,47 @@ def test_a_restart_of_a_recorded_station_is_expected_from_seq_0(tmp_path: Path) 
     assert db.execute("SELECT run_id, first_seq, last_seq, missed FROM gaps").fetchall() == [("r2", 0, 55, 56)]
     assert recorder.record({"station": "a", "run_id": "r2", "seq": "x", "verdict": "pass"}) is False
     db.close()
+
+
+def _query_count(db: Path, *args: str) -> int:
+    proc = run_station("mes-query", "--db", str(db), "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return len(proc.stdout.splitlines())
+
+
+def test_query_time_bounds_compare_as_instants_whatever_their_form(tmp_path: Path) -> None:
+    from station.bridges.mes import Recorder, open_db
+
+    path = tmp_path / "mes.sqlite"
+    db = open_db(path, create=True)
+    recorder = Recorder(db)
+    # 60 verdicts from 04:13:10.500Z, one every 100 ms; one stamped by a producer with another offset.
+    for seq in range(60):
+        ms = 10_500 + seq * 100
+        stamp = f"2026-12-02T04:13:{ms // 1000:02d}.{ms % 1000:03d}Z"
+        if seq == 59:
+            stamp = "2026-12-02T05:13:16.400+01:00"
+        recorder.record({"station": "a", "run_id": "r1", "seq": seq, "verdict": "pass", "captured_at": stamp})
+    db.close()
+    # At or after 04:13:13 are seq 25…59: 35 rows, however the bound is written.
+    for since in ("2026-12-02T04:13:13Z", "2026-12-02T04:13:13.000Z", "2026-12-02T05:13:13+01:00",
+                  "2026-12-02T04:13:13", "2026-12-02 04:13:13.000+00:00", "2026-12-01T23:13:13-05:00"):
+        assert _query_count(path, "--since", since) == 35, since
+    # Before 04:13:13.05 are seq 0…25 (25 is 04:13:13.000): sub-millisecond bounds round up correctly.
+    assert _query_count(path, "--until", "2026-12-02T05:13:13.0005+01:00") == 26
+    assert _query_count(path, "--until", "2026-12-02T04:13:13Z") == 25
+    assert _query_count(path, "--since", "2026-12-02", "--until", "2026-12-03") == 60
+    assert _query_count(path, "--since", "2026-12-02T04:13:16.4Z") == 1  # the one stored from +01:00
+
+
+def test_query_refuses_a_bound_that_is_not_a_time_naming_the_accepted_forms(tmp_path: Path) -> None:
+    from station.bridges.mes import open_db
+
+    path = tmp_path / "mes.sqlite"
+    open_db(path, create=True).close()
+    for bad in ("yesterday", "12/02/2026", "2026-13-01T00:00:00Z", ""):
+        proc = run_station("mes-query", "--db", str(path), "--since", bad)
+        assert proc.returncode == 2, (bad, proc.stderr)
+        assert "is not an ISO-8601 time" in proc.stderr and "2026-12-02T05:00:00Z" in proc.stderr, proc.stderr
+    proc = run_station("mes-query", "--db", str(path), "--until", "tomorrow")
+    assert proc.returncode == 2 and "--until" in proc.stderr

@@ -32,7 +32,7 @@ import structlog
 
 from station.bridges.feed import VerdictFeed
 from station.errors import EXIT_OK, ConfigError, StationError
-from station.timefmt import iso_utc
+from station.timefmt import iso_utc, iso_utc_ceil_ms, parse_instant
 
 log = structlog.get_logger("station.bridge.mes")
 
@@ -92,6 +92,20 @@ def open_db(path: Path, create: bool) -> sqlite3.Connection:
     return db
 
 
+def _canonical_time(value: Any) -> Any:
+    """A timestamp in the one fixed-width UTC form, so the column orders as time; other values as they are.
+
+    The station already sends that form; a producer that sends another offset
+    or precision is brought to it, and mes-query's bounds are in it too.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return iso_utc_ceil_ms(parse_instant(value))
+    except ValueError:
+        return value
+
+
 class Recorder:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -120,12 +134,13 @@ class Recorder:
             return False
         now = iso_utc(time.time())
         expected = self._expected(station, run_id)
+        captured_at = _canonical_time(m.get("captured_at"))
         cls, anomaly, error = m.get("class") or {}, m.get("anomaly") or {}, m.get("error") or {}
         self.db.execute("BEGIN")
         try:
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO verdicts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (station, run_id, seq, m.get("frame_id"), m.get("captured_at"), m.get("published_at"), now,
+                (station, run_id, seq, m.get("frame_id"), captured_at, m.get("published_at"), now,
                  m.get("verdict"), ",".join(m.get("reasons") or []), cls.get("label"), cls.get("confidence"),
                  anomaly.get("score"), anomaly.get("threshold"), error.get("reason"),
                  json.dumps(m.get("model")), json.dumps(m, separators=(",", ":"))),
