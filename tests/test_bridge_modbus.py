@@ -1,21 +1,31 @@
-"""The Modbus TCP bridge as a PLC meets it: a real `station bridge modbus` process, driven with pymodbus's client."""
+"""The Modbus TCP bridge as a PLC meets it: a real `station bridge modbus` process, driven with pymodbus's client.
+
+Malformed, pipelined and garbage frames go over raw sockets, built by hand: pymodbus's client cannot send them.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import random
+import re
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import structlog
 import zmq
 from pymodbus.client import ModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
 from station.bridges.modbus import (
     ACK_COIL,
+    ACK_GRACE_S,
+    ACK_SEEN,
     DROPPED,
     PASSED,
     QUEUE_LIMIT,
@@ -25,9 +35,12 @@ from station.bridges.modbus import (
     STATE_CODES,
     VALID,
     Addr,
+    BridgeState,
     Handshake,
     Result,
+    quiet_pymodbus,
 )
+from station.config import PublishConfig
 from tests.conftest import free_endpoint, run_station, start_bridge, station_cmd, stop_bridge
 
 UNIT = 1
@@ -45,8 +58,8 @@ def _bridge(endpoint: str, port: int) -> subprocess.Popen[str]:
     return start_bridge("modbus", endpoint, "--listen", f"127.0.0.1:{port}")
 
 
-def _stop(bridge: subprocess.Popen[str]) -> None:
-    stop_bridge(bridge, "modbus_bridge_stopped")
+def _stop(bridge: subprocess.Popen[str]) -> str:
+    return stop_bridge(bridge, "modbus_bridge_stopped")
 
 
 def u32(regs: list[int], addr: int) -> int:
@@ -65,11 +78,14 @@ def bit(word: int, n: int) -> bool:
 class Plc:
     """What a PLC program does over Modbus TCP: poll, read a block in one request, acknowledge."""
 
-    def __init__(self, port: int, bridge: subprocess.Popen[str]) -> None:
+    def __init__(self, port: int, bridge: subprocess.Popen[str], clear_ack: bool = True) -> None:
         self.bridge = bridge
         self.client = ModbusTcpClient("127.0.0.1", port=port, timeout=5)
         # Nothing to wait on but the port itself: poll the connect, with a deadline.
         self.wait("the bridge to listen", self.client.connect)
+        if clear_ack:
+            # As the doc's PLC program does at start: the bridge then knows no stale acknowledge is coming.
+            self.ok(self.ack_coil(False))
 
     def alive(self) -> None:
         if self.bridge.poll() is not None:
@@ -272,6 +288,26 @@ def test_a_stale_acknowledge_does_not_take_the_next_result() -> None:
     assert hs.valid and hs.latched is not None and hs.latched.seq == 0
 
 
+def test_after_a_start_the_first_result_waits_for_the_plcs_acknowledge_or_the_grace() -> None:
+    now = 100.0
+    state = BridgeState(clock=lambda: now)
+    result = Result(seq=0, code=0, reasons=0, class_index=0, confidence=0, anomaly=0, threshold=0, trigger=0,
+                    label="good")
+    state.handshake.offer(result)
+    state.request_seen()  # the first request of any client starts the grace
+    now += ACK_GRACE_S - 0.01
+    state.request_seen()
+    assert not state.handshake.valid and len(state.handshake.pending) == 1
+    now += 0.01
+    state.request_seen()
+    assert state.handshake.valid and state.handshake.latched == result
+
+    written = BridgeState()
+    written.handshake.offer(result)
+    written.write_ack_coil(False)  # the PLC shows its acknowledge clear: no grace to wait for
+    assert written.handshake.valid
+
+
 def test_a_bad_listen_exits_2_and_a_taken_port_exits_1_naming_it() -> None:
     endpoint = free_endpoint()
     bad = run_station("bridge", "modbus", "--connect", endpoint, "--listen", "0.0.0.0", timeout=60)
@@ -283,3 +319,301 @@ def test_a_bad_listen_exits_2_and_a_taken_port_exits_1_naming_it() -> None:
         busy = run_station("bridge", "modbus", "--connect", endpoint, "--listen", f"127.0.0.1:{port}", timeout=60)
     assert busy.returncode == 1 and f"--listen 127.0.0.1:{port}: cannot listen" in busy.stderr, busy.stderr
     assert "Traceback" not in busy.stderr
+    # The one message, without pymodbus's own warning ("Failed to start server ...") as bare text beside it.
+    assert [line for line in busy.stderr.splitlines() if not line.startswith("{")] == [busy.stderr.splitlines()[-1]]
+
+
+# -- requests as bytes on a raw socket ---------------------------------------------
+
+Frame = tuple[int, int, bytes]  # transaction id, unit id, PDU
+
+
+def mbap(tid: int, pdu: bytes, unit: int = UNIT) -> bytes:
+    """A Modbus TCP frame: transaction id, protocol 0, length (unit id + PDU), unit id, then the PDU."""
+    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
+
+
+def pdu(fc: int, fmt: str = "", *fields: int) -> bytes:
+    return bytes([fc]) + struct.pack(">" + fmt, *fields)
+
+
+def raw(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def responses(sock: socket.socket, n: int) -> list[Frame]:
+    """The next ``n`` response frames, split by their MBAP length as a client does."""
+    buf, frames = b"", list[Frame]()
+    while len(frames) < n:
+        chunk = sock.recv(65536)
+        assert chunk, f"the bridge closed the connection after {len(frames)} of {n} responses"
+        buf += chunk
+        while len(buf) >= 7 and len(buf) >= 6 + int.from_bytes(buf[4:6], "big"):
+            tid, protocol, length, unit = struct.unpack(">HHHB", buf[:7])
+            assert protocol == 0
+            frames.append((tid, unit, buf[7: 6 + length]))
+            buf = buf[6 + length:]
+    assert not buf, f"more than {n} responses: {buf.hex()}"
+    return frames
+
+
+def exchange(port: int, *requests: bytes) -> list[bytes]:
+    """The requests one after another on one fresh connection; their response PDUs."""
+    with raw(port) as sock:
+        answers: list[bytes] = []
+        for tid, request in enumerate(requests, 1):
+            sock.sendall(mbap(tid, request))
+            [(got_tid, _, response)] = responses(sock, 1)
+            assert got_tid == tid
+            answers.append(response)
+    return answers
+
+
+def exception(fc: int, code: int) -> bytes:
+    return bytes([fc | 0x80, code])
+
+
+def _welcome(next_seq: int = 7) -> Message:
+    counters = {"captured": 0, "inspected": 0, "skipped": 0, "errors": 0, "published": 0, "passed": 0, "failed": 0}
+    return {"schema": "station.welcome/1", "station": "x", "run_id": "r1", "next_seq": next_seq, "state": "running",
+            "counters": counters, "last_verdict": None}
+
+
+def _subscribed(pub: zmq.Socket[bytes]) -> None:
+    """Wait for a bridge's subscription to verdicts (its first), past what earlier bridges left in the queue."""
+    while True:
+        assert pub.poll(30_000), "no bridge subscribed"
+        if pub.recv() == b"\x01verdict.":  # XPUB: byte 1 + topic subscribes, byte 0 + topic leaves
+            return
+
+
+def _latest(plc: Plc, seq: int) -> None:
+    plc.wait(f"verdict {seq}", lambda: u32(plc.holding(), Addr.LATEST_ID32) == seq)
+
+
+def _stderr_lines(err: str) -> list[Message]:
+    lines = err.splitlines()
+    for line in lines:
+        assert len(line) < 1024, f"a {len(line)}-character log line: {line[:300]}"
+    return [json.loads(line) for line in lines]
+
+
+# -- the PLC's acknowledge across a bridge restart --------------------------------
+
+
+def test_a_stale_acknowledge_from_before_a_bridge_restart_does_not_take_the_first_result() -> None:
+    endpoint, port = free_endpoint(), _free_port()
+    pub = _publisher(endpoint, _welcome())
+    try:
+        # A PLC program that never writes its acknowledge before it has a result (the doc's example before it
+        # cleared it at start) still gets one: after the grace, the bridge takes the acknowledge as clear.
+        bridge = _bridge(endpoint, port)
+        plc = Plc(port, bridge, clear_ack=False)
+        _subscribed(pub)
+        pub.send_multipart([b"verdict.x", _verdict(7)])
+        _latest(plc, 7)
+        plc.wait("the grace for the acknowledge", plc.valid, timeout_s=10)
+        assert u32(plc.holding(), Addr.ID32) == 7
+        # The PLC takes it and acknowledges; the bridge goes down while the PLC still holds its acknowledge.
+        plc.ok(plc.ack_coil(True))
+        assert not plc.valid()
+        plc.close()
+        _stop(bridge)
+
+        bridge = _bridge(endpoint, port)
+        _subscribed(pub)
+        # The first verdict after the restart comes before the PLC is back.
+        pub.send_multipart([b"verdict.x", _verdict(8)])
+        plc = Plc(port, bridge, clear_ack=False)
+        _latest(plc, 8)
+        regs = plc.holding()
+        # Held, not latched: a PLC that writes its acknowledge every scan is about to write the stale one.
+        assert not bit(regs[Addr.STATUS], VALID) and regs[Addr.PENDING] == 1, regs[:16]
+        plc.ok(plc.ack_coil(True))  # there it is
+        regs = plc.holding()
+        assert bit(regs[Addr.STATUS], ACK_SEEN) and not bit(regs[Addr.STATUS], VALID)
+        assert regs[Addr.PENDING] == 1, "the stale acknowledge took the first result"
+        plc.ok(plc.ack_coil(False))  # the PLC sees ResultsValid = 0 and clears it: now the result is handed over
+        regs = plc.holding()
+        assert bit(regs[Addr.STATUS], VALID) and u32(regs, Addr.ID32) == 8 and regs[Addr.PENDING] == 0
+        plc.close()
+        _stop(bridge)
+    finally:
+        pub.close(0)
+        bridge.kill()
+
+
+def test_write_single_coil_takes_only_0000_and_ff00_and_anything_else_changes_nothing() -> None:
+    endpoint, port = free_endpoint(), _free_port()
+    pub = _publisher(endpoint, _welcome())
+    bridge = _bridge(endpoint, port)
+    plc = Plc(port, bridge)
+    try:
+        _subscribed(pub)
+        pub.send_multipart([b"verdict.x", _verdict(7)])
+        plc.wait("the result", plc.valid)
+        # Any of these taken as ON would acknowledge a result the PLC never read.
+        for value in (0x1234, 0x0001, 0x00FF, 0xFFFF, 0xFF01):
+            [answer] = exchange(port, pdu(5, "HH", ACK_COIL, value))
+            assert answer == exception(5, 3), (hex(value), answer.hex())
+        regs = plc.holding()
+        assert bit(regs[Addr.STATUS], VALID) and not bit(regs[Addr.STATUS], ACK_SEEN)
+        assert u32(regs, Addr.ID32) == 7 and not plc.client.read_coils(ACK_COIL, count=1, device_id=UNIT).bits[0]
+
+        on, off = pdu(5, "HH", ACK_COIL, 0xFF00), pdu(5, "HH", ACK_COIL, 0x0000)
+        assert exchange(port, on) == [on]  # the response echoes the request
+        assert not plc.valid()
+        assert exchange(port, off) == [off]
+        _stop(bridge)
+    finally:
+        plc.close()
+        bridge.kill()
+        pub.close(0)
+
+
+def test_a_read_of_no_or_too_many_items_and_a_malformed_request_get_exception_03() -> None:
+    port = _free_port()
+    bridge = _bridge(free_endpoint(), port)
+    plc = Plc(port, bridge)
+    try:
+        for fc, limit in ((1, 2000), (2, 2000), (3, 125), (4, 125)):
+            answers = exchange(port, pdu(fc, "HH", 0, 0), pdu(fc, "HH", 0, limit + 1), pdu(fc, "HH", 0, 0xFFFF))
+            assert answers == [exception(fc, 3)] * 3, (fc, [a.hex() for a in answers])
+        # Quantities within the spec's limits but past the map: 02, as before.
+        assert plc.client.read_holding_registers(0, count=125, device_id=UNIT).exception_code == 2
+        assert plc.client.read_input_registers(0, count=125, device_id=UNIT).exception_code == 2
+        assert plc.client.read_coils(0, count=2000, device_id=UNIT).exception_code == 2
+        assert plc.client.read_discrete_inputs(0, count=2000, device_id=UNIT).exception_code == 2
+        assert len(plc.holding(0, Addr.SIZE)) == Addr.SIZE
+
+        malformed = [
+            pdu(3, "H", 0),  # no quantity
+            pdu(3, "HHB", 0, 1, 0),  # a byte too many
+            pdu(16, "HHBH", Addr.CONTROL, 1, 3, 1),  # byte count 3 for one register
+            pdu(16, "HHBHH", Addr.CONTROL, 1, 2, 1, 0),  # more data than the byte count
+            pdu(16, "HHB", Addr.CONTROL, 0, 0),  # no registers
+            pdu(15, "HHBB", ACK_COIL, 1, 2, 1),  # byte count 2 for one coil
+            pdu(23, "HHHHBH", 0, 1, Addr.CONTROL, 0, 2, 1),  # writes none, carries one
+            pdu(23, "HHHHBH", 0, 126, Addr.CONTROL, 1, 2, 1),  # reads too many
+        ]
+        for request, answer in zip(malformed, exchange(port, *malformed), strict=True):
+            assert answer == exception(request[0], 3), (request.hex(), answer.hex())
+        # A function code the bridge does not serve: 01, under its own code (pymodbus answered 0x80).
+        assert exchange(port, b"\x41", pdu(20, "BBHHH", 7, 6, 0, 1, 2)) == [exception(0x41, 1), exception(20, 1)]
+        assert plc.holding(Addr.MAP_VERSION, 1) == [1]
+        _stop(bridge)
+    finally:
+        plc.close()
+        bridge.kill()
+
+
+def test_requests_pipelined_in_one_segment_are_each_answered_in_order() -> None:
+    port = _free_port()
+    bridge = _bridge(free_endpoint(), port)
+    plc = Plc(port, bridge)  # only to wait for the port
+    try:
+        with raw(port) as sock:
+            burst = [
+                mbap(11, pdu(3, "HH", Addr.MAP_VERSION, 1)),
+                mbap(12, pdu(5, "HH", ACK_COIL, 0x1234)),  # malformed: answered, and the rest still are
+                mbap(13, pdu(5, "HH", ACK_COIL, 0xFF00)),
+                mbap(14, pdu(1, "HH", ACK_COIL, 1)),
+                mbap(15, pdu(4, "HH", Addr.CONTROL, 1), unit=UNIT + 1),
+                mbap(16, pdu(5, "HH", ACK_COIL, 0x0000)),
+                mbap(17, pdu(4, "HH", Addr.MAP_VERSION, 2)),
+            ]
+            sock.sendall(b"".join(burst))
+            assert responses(sock, len(burst)) == [
+                (11, UNIT, pdu(3, "BH", 2, 1)),
+                (12, UNIT, exception(5, 3)),
+                (13, UNIT, pdu(5, "HH", ACK_COIL, 0xFF00)),
+                (14, UNIT, pdu(1, "BB", 1, 1)),  # the write before it was applied first
+                (15, UNIT + 1, exception(4, 0x0B)),
+                (16, UNIT, pdu(5, "HH", ACK_COIL, 0)),
+                (17, UNIT, pdu(4, "BHH", 4, 1, 0)),
+            ]
+
+            # More than pymodbus's 264-byte receive buffer, which it threw away whole.
+            sock.sendall(b"".join(mbap(100 + i, pdu(3, "HH", Addr.MAP_VERSION, 1)) for i in range(40)))
+            assert responses(sock, 40) == [(100 + i, UNIT, pdu(3, "BH", 2, 1)) for i in range(40)]
+
+            # A frame split across segments, the second carrying the next frame too.
+            first, second = mbap(200, pdu(3, "HH", Addr.MAP_VERSION, 1)), mbap(201, pdu(1, "HH", 0, 7))
+            sock.sendall(first[:5])
+            time.sleep(0.05)
+            sock.sendall(first[5:] + second)
+            assert [tid for tid, _, _ in responses(sock, 2)] == [200, 201]
+        _stop(bridge)
+    finally:
+        plc.close()
+        bridge.kill()
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with some of the garbage still unread: a hang-up all the same
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_garbage_on_the_port_costs_one_short_json_line_per_client_rate_limited_and_the_bridge_keeps_serving() -> None:
+    port = _free_port()
+    bridge = _bridge(free_endpoint(), port)
+    plc = Plc(port, bridge)
+    garbage = random.Random(4).randbytes(4096)
+    assert garbage[2:4] != b"\0\0"  # not a Modbus protocol id: no prefix of it is a request
+    # The 4 KiB packet; a short one, which made pymodbus log the last 20 frames in hex, the 4 KiB one
+    # included; a header claiming 64 KiB.
+    kinds = [garbage, garbage[:100], b"\x00\x01\x00\x00\xff\xff\x01" + garbage[:100]]
+    hung_up: list[bool] = []
+    try:
+        # A scanner or fuzzer at it: many clients; lines for the first ten per 10 s at most.
+        for i in range(30):
+            with raw(port) as sock:
+                sock.settimeout(2)
+                sock.sendall(kinds[i % len(kinds)])
+                # No delimiter to resynchronise on: the bridge hangs up.
+                hung_up.append(_hung_up(sock))
+            if i == 0:
+                assert plc.holding(Addr.MAP_VERSION, 1) == [1]
+        assert plc.holding(Addr.MAP_VERSION, 1) == [1]
+        plc.close()
+        err = _stop(bridge)
+    finally:
+        plc.close()
+        bridge.kill()
+    lines = _stderr_lines(err)
+    bad = [line for line in lines if line["event"] == "modbus_bad_frame"]
+    assert 1 <= len(bad) <= 10 < len(hung_up)
+    assert bad[0]["data"] == garbage[:16].hex() + "… (4096 bytes)"
+    assert bad[0]["peer"].startswith("127.0.0.1:") and "protocol id" in bad[0]["reason"]
+    assert "MBAP length 65535" in bad[2]["reason"]
+    others = {line["event"] for line in lines} - {"modbus_bad_frame"}
+    assert others <= {"modbus_bridge_started", "stop_requested", "modbus_bridge_stopped"}, others
+    assert all(hung_up), hung_up
+
+
+def test_the_doc_connects_to_the_station_on_its_default_port() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "bridge-modbus.md").read_text()
+    default_port = PublishConfig().endpoint.rsplit(":", 1)[1]
+    ports = re.findall(r"tcp://[\w.-]+:(\d+)", doc)
+    assert ports and set(ports) == {default_port}, ports
+
+
+def test_pymodbus_errors_become_one_short_line_each_rate_limited_and_its_warnings_are_dropped() -> None:
+    logger = logging.getLogger("pymodbus")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    quiet_pymodbus()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            # What pymodbus's Log.error writes: the message, then hex dumps of the last 20 frames.
+            for _ in range(30):
+                logging.getLogger("pymodbus.logging").error("Invalid Modbus protocol id: 7\n>>>>> " + "0x0 " * 4096)
+            logging.getLogger("pymodbus.logging").warning("Unable to decode frame")
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    assert len(logs) == 10  # BadClientLog's burst; the rest counted
+    assert logs[0]["event"] == "pymodbus_log" and logs[0]["message"] == "Invalid Modbus protocol id: 7"

@@ -18,27 +18,43 @@ loop, so it needs no lock. Registers are rendered from that state inside
 pymodbus's per-request action hook, so one request always sees one consistent
 snapshot: read HR 0-31 in one request and the status word and the result
 belong together.
+
+Framing is the bridge's own (BridgeServer, Connection): pymodbus 3.16's
+request handler answers only the first of several requests in one TCP
+segment, drops a receive buffer over 264 bytes, answers a malformed request
+with exception 01 under function code 0x80, and logs hex dumps of what a
+client sent. The bridge splits the stream into MBAP frames, checks each
+request as the Modbus spec says, answers every one in order, and leaves
+pymodbus the PDU classes and the datastore. A misbehaving client gets one
+short, rate-limited JSON log line (station/bridges/badclients.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import socket
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
+from pymodbus.exceptions import NoSuchIdException
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
+from pymodbus.transport import CommParams, CommType, ModbusProtocol
 
+from station.bridges.badclients import BadClientLog, excerpt
 from station.bridges.feed import FeedEvent, VerdictFeed
 from station.errors import EXIT_OK, ConfigError, StationError
 
@@ -55,6 +71,10 @@ POLL_S = 0.2
 ONLINE_WITHIN_S = 3.0
 #: how often a growing drop count is logged, at most
 DROP_LOG_EVERY_S = 10.0
+#: after the bridge starts, how long (from the first request any client makes) the first result waits for the
+#: PLC to show its acknowledge is clear, before the bridge assumes it is. A PLC that writes its acknowledge
+#: every scan shows a stale one within a scan; one that writes only on change never shows it
+ACK_GRACE_S = 2.0
 
 U16 = 0xFFFF
 U32 = 0xFFFFFFFF
@@ -114,6 +134,10 @@ ACK_CONTROL_BIT = 0x0001
 FC_COILS = frozenset({1, 5, 15})
 FC_DISCRETE = frozenset({2})
 FC_REGISTERS = frozenset({3, 4, 6, 16, 22, 23})
+#: what the bridge answers: the map's function codes, plus diagnostics (08) and device identification (43),
+#: which pymodbus answers without the map. Anything else gets exception 01: pymodbus would answer some
+#: (FIFO, file records, comm event log) with made-up data
+FC_SERVED = FC_COILS | FC_DISCRETE | FC_REGISTERS | {8, 43}
 
 
 # -- one result, as registers carry it ---------------------------------------
@@ -190,13 +214,17 @@ def result_of(verdict: dict[str, Any]) -> Result | None:
 class Handshake:
     """Latch one result at a time; the next only after the PLC acknowledged and then cleared its acknowledge."""
 
-    def __init__(self, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, limit: int = QUEUE_LIMIT, armed: bool = False) -> None:
         self.limit = limit
         self.pending: deque[Result] = deque()
         self.latched: Result | None = None
         self.valid = False
         self.ack = False
         self.dropped = 0
+        # Until the PLC has written its acknowledge (or BridgeState's grace ran out), its value is unknown:
+        # after a bridge restart the PLC may still hold the acknowledge of a result from the last run, and
+        # would write it over the first result latched here before it ever read that result.
+        self.armed = armed
 
     def offer(self, result: Result) -> bool:
         """Queue a result (latching it at once if the PLC is idle); False if the oldest waiting one was dropped."""
@@ -213,13 +241,19 @@ class Handshake:
 
     def acknowledge(self, ack: bool) -> None:
         self.ack = ack
+        self.armed = True
+        self._advance()
+
+    def arm(self) -> None:
+        """Take the PLC's acknowledge as clear without having seen it written (see ACK_GRACE_S)."""
+        self.armed = True
         self._advance()
 
     def _advance(self) -> None:
         if self.valid and self.ack:
             self.valid = False
         # A stale acknowledge must not take the next result for the PLC: wait until it is cleared.
-        if not self.valid and not self.ack and self.pending:
+        if self.armed and not self.valid and not self.ack and self.pending:
             self.latched = self.pending.popleft()
             self.valid = True
 
@@ -257,6 +291,7 @@ class BridgeState:
         self.reject_count = 0
         self.ack_coil = False
         self.control = 0
+        self.first_request: float | None = None
 
     # feed side
 
@@ -312,6 +347,14 @@ class BridgeState:
             self.reject_count += 1
 
     # PLC side
+
+    def request_seen(self) -> None:
+        """A client's well-formed request: runs the start-up grace of the acknowledge (ACK_GRACE_S)."""
+        now = self.clock()
+        if self.first_request is None:
+            self.first_request = now
+        if not self.handshake.armed and now - self.first_request >= ACK_GRACE_S:
+            self.handshake.arm()
 
     def write_ack_coil(self, value: bool) -> None:
         self.ack_coil = value
@@ -462,6 +505,214 @@ def build_devices(unit: int, face: RegisterFace) -> list[SimDevice]:
     return [device, catch_all]
 
 
+# -- Modbus TCP framing and request checks ---------------------------------------
+
+#: the MBAP header: transaction id, protocol id (0 for Modbus), length (unit id + PDU), unit id
+MBAP = struct.Struct(">HHHB")
+#: the largest PDU (Modbus Application Protocol V1.1b3, 4.1): an MBAP length is 2 (unit, function) to 254
+MAX_PDU = 253
+#: requests one connection may have waiting before the bridge stops reading from it until it has caught up
+PIPELINE_LIMIT = 64
+#: the spec's quantity limits (V1.1b3, 6.1-6.4, 6.11, 6.12, 6.17)
+READ_BITS_MAX, READ_REGS_MAX = 2000, 125
+WRITE_BITS_MAX, WRITE_REGS_MAX, READ_WRITE_REGS_MAX = 1968, 123, 121
+#: the only two values a write single coil (FC05) may carry
+COIL_ON, COIL_OFF = 0xFF00, 0x0000
+
+
+def _u16(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at: at + 2], "big")
+
+
+def _write_ok(data: bytes, count_at: int, quantity: int, limit: int, nbytes: int) -> bool:
+    # The byte count must agree with the quantity, and the data that follows with the byte count.
+    return 1 <= quantity <= limit and data[count_at] == nbytes and len(data) == count_at + 1 + nbytes
+
+
+def check_request(pdu: bytes) -> ExcCodes | None:
+    """The exception the Modbus spec gives a request before it reaches the map; None when it passes.
+
+    Function code first (01), then quantity, value, byte count and length (03), in the order of the spec's
+    state diagrams. pymodbus 3.16 answers a bad quantity with 01 and takes any FC05 value but 0 for ON.
+    """
+    fc, data = pdu[0], pdu[1:]
+    if fc not in FC_SERVED:
+        return ExcCodes.ILLEGAL_FUNCTION
+    if fc == 8 and len(data) >= 2 and _u16(data, 0) not in DecodePDU.pdu_sub_table.get(fc, {}):
+        return ExcCodes.ILLEGAL_FUNCTION  # a diagnostics sub-function pymodbus does not know: it would fail (04)
+    if fc in (1, 2, 3, 4):
+        ok = len(data) == 4 and 1 <= _u16(data, 2) <= (READ_BITS_MAX if fc in (1, 2) else READ_REGS_MAX)
+    elif fc == 5:
+        ok = len(data) == 4 and _u16(data, 2) in (COIL_ON, COIL_OFF)
+    elif fc in (6, 22):
+        ok = len(data) == (4 if fc == 6 else 6)
+    elif fc in (15, 16):
+        quantity = _u16(data, 2)
+        nbytes, limit = ((quantity + 7) // 8, WRITE_BITS_MAX) if fc == 15 else (2 * quantity, WRITE_REGS_MAX)
+        ok = len(data) >= 5 and _write_ok(data, 4, quantity, limit, nbytes)
+    elif fc == 23:
+        quantity = _u16(data, 6)
+        ok = (len(data) >= 9 and 1 <= _u16(data, 2) <= READ_REGS_MAX
+              and _write_ok(data, 8, quantity, READ_WRITE_REGS_MAX, 2 * quantity))
+    else:
+        ok = True  # diagnostics and identification: pymodbus's decoder checks them
+    return None if ok else ExcCodes.ILLEGAL_VALUE
+
+
+def _peer(transport: asyncio.BaseTransport | None) -> str | None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return _address(str(peer[0]), int(peer[1])) if isinstance(peer, tuple) and len(peer) >= 2 else None
+
+
+class BridgeServer(ModbusTcpServer):
+    """pymodbus's TCP listener and datastore, with the bridge's Connection in place of pymodbus's handler."""
+
+    def __init__(self, devices: list[SimDevice], address: tuple[str, int], state: BridgeState) -> None:
+        super().__init__(devices, address=address)
+        self.state = state
+        self.bad_clients = BadClientLog(log)
+        self.failures = BadClientLog(log)
+
+    def callback_new_connection(self) -> ModbusProtocol:
+        return Connection(self)
+
+    async def respond(self, tid: int, unit: int, pdu: bytes, peer: str | None) -> bytes:
+        """The response frame to one request frame's PDU."""
+        try:
+            response = await self._response(unit, pdu, peer)
+            body = bytes([response.function_code]) + response.encode()
+        except Exception as exc:  # a fault in one request must cost that request, not the connection
+            self.failures.report("modbus_request_failed", peer, unit=unit, function_code=pdu[0], error=exc)
+            body = bytes([pdu[0] | 0x80, ExcCodes.DEVICE_FAILURE])
+        return MBAP.pack(tid, 0, len(body) + 1, unit) + body
+
+    async def _response(self, unit: int, pdu: bytes, peer: str | None) -> ModbusPDU:
+        problem = check_request(pdu)
+        request = None if problem else self.decoder.decode(pdu)
+        if problem or request is None:
+            # A function code we serve whose data pymodbus cannot decode is malformed data: 03.
+            problem = problem or ExcCodes.ILLEGAL_VALUE
+            self.bad_clients.report("modbus_bad_request", peer, unit=unit, function_code=pdu[0],
+                                    exception=int(problem), request=excerpt(pdu))
+            return ExceptionResponse(pdu[0], problem)
+        request.dev_id = unit
+        self.state.request_seen()
+        # pymodbus hands its SimCore to datastore_update where its annotation says ModbusServerContext.
+        context = cast(ModbusServerContext, self.context)
+        try:
+            return await request.datastore_update(context, unit)
+        except NoSuchIdException:
+            return ExceptionResponse(request.function_code, ExcCodes.GATEWAY_NO_RESPONSE)
+
+
+class Connection(ModbusProtocol):
+    """One client's TCP connection: the stream split into MBAP frames, each request answered in the order sent.
+
+    A PLC or gateway may pipeline requests, so one segment can hold several frames, and one frame can span
+    segments; the transaction id in each response tells the client which request it answers.
+    """
+
+    def __init__(self, server: BridgeServer) -> None:
+        params = CommParams(comm_name="server", comm_type=CommType.TCP, reconnect_delay=0.0,
+                            reconnect_delay_max=0.0, timeout_connect=0.0)
+        super().__init__(params, True)
+        self.server = server
+        self.peer: str | None = None
+        self._buffer = bytearray()
+        self._requests: deque[tuple[int, int, bytes]] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = False
+        # Modbus TCP has no frame delimiter: after a header that is not Modbus the stream cannot be
+        # resynchronised, so the requests before it are answered and then the connection is closed.
+        self._hang_up = False
+
+    def callback_new_connection(self) -> ModbusProtocol:
+        raise RuntimeError("a client connection does not accept connections")
+
+    def callback_connected(self) -> None:
+        self.peer = _peer(self.transport)
+
+    def callback_disconnected(self, exc: Exception | None) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        return len(data)  # unused: data_received below takes the stream before pymodbus's path would
+
+    def data_received(self, data: bytes) -> None:
+        if self._hang_up:
+            return
+        self._buffer += data
+        while len(self._buffer) >= MBAP.size:
+            tid, protocol, length, unit = MBAP.unpack_from(self._buffer)
+            if protocol != 0 or not 2 <= length <= MAX_PDU + 1:
+                reason = f"protocol id {protocol}, not 0 (Modbus)" if protocol else f"MBAP length {length}, not 2-254"
+                self.server.bad_clients.report("modbus_bad_frame", self.peer, reason=reason,
+                                               data=excerpt(self._buffer), action="connection closed")
+                self._buffer.clear()
+                self._hang_up = True
+                break
+            end = MBAP.size - 1 + length
+            if len(self._buffer) < end:
+                break
+            self._requests.append((tid, unit, bytes(self._buffer[MBAP.size:end])))
+            del self._buffer[:end]
+        if self._hang_up or len(self._requests) >= PIPELINE_LIMIT:
+            self._reading(False)
+        if (self._requests or self._hang_up) and (self._worker is None or self._worker.done()):
+            self._worker = asyncio.create_task(self._answer())
+
+    async def _answer(self) -> None:
+        while self._requests:
+            tid, unit, pdu = self._requests.popleft()
+            frame = await self.server.respond(tid, unit, pdu, self.peer)
+            if not isinstance(self.transport, asyncio.Transport):
+                return  # closed meanwhile
+            self.transport.write(frame)
+            if not self._hang_up and len(self._requests) < PIPELINE_LIMIT // 2:
+                self._reading(True)
+            if self._requests:
+                await asyncio.sleep(0)  # a long pipeline must not starve the other clients
+        if self._hang_up:
+            self.close()
+
+    def _reading(self, on: bool) -> None:
+        if self._paused == (not on) or not isinstance(self.transport, asyncio.Transport):
+            return
+        self._paused = not on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+
+class PymodbusLogs(logging.Handler):
+    """pymodbus's own log records as short, rate-limited structlog lines.
+
+    pymodbus logs through stdlib logging, which nothing else in the station configures: its warnings
+    reached stderr as bare text, and an error came with hex dumps of the last 20 frames appended (20 KB
+    from one 4 KiB packet). The bridge frames and checks requests itself and logs bad clients itself, so
+    only pymodbus's errors are kept, and only their first line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines = BadClientLog(log)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.report("pymodbus_log", None, pymodbus_level=record.levelname.lower(),
+                          message=record.getMessage().split("\n", 1)[0])
+
+
+def quiet_pymodbus() -> None:
+    logger = logging.getLogger("pymodbus")
+    logger.handlers = [PymodbusLogs()]
+    logger.propagate = False
+    # Below ERROR pymodbus would only repeat what the bridge logs itself; the level also spares it
+    # formatting hex dumps nobody reads.
+    logger.setLevel(logging.ERROR)
+
+
 # -- the command -------------------------------------------------------------------
 
 
@@ -494,8 +745,8 @@ def _bind_problem(host: str, port: int) -> str:
         return exc.strerror or str(exc)
 
 
-async def _start(host: str, port: int, unit: int, state: BridgeState) -> ModbusTcpServer:
-    server = ModbusTcpServer(build_devices(unit, RegisterFace(state)), address=(host, port))
+async def _start(host: str, port: int, unit: int, state: BridgeState) -> BridgeServer:
+    server = BridgeServer(build_devices(unit, RegisterFace(state)), (host, port), state)
     try:
         await server.serve_forever(background=True)
     except RuntimeError as exc:
@@ -546,6 +797,7 @@ async def _serve(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Ev
 
 
 def run(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Event) -> int:
+    quiet_pymodbus()
     state = asyncio.run(_serve(args, feed, stop))
     log.info("modbus_bridge_stopped", rejects=state.reject_count, pending=len(state.handshake.pending),
              dropped=state.handshake.dropped, gaps=feed.tracker.gaps, missed=feed.tracker.missed)
