@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,11 +15,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from asyncua import Client, Node
+import pytest
+import structlog
+import zmq
+from asyncua import Client, Node, ua
 from asyncua.common.subscription import DataChangeNotif
+from asyncua.ua.object_ids import ObjectIds
 
 from station.bridges.feed import FeedEvent
-from station.bridges.opcua import NAMESPACE_URI, StationView
+from station.bridges.opcua import NAMESPACE_URI, StationView, asyncua_logs_as_lines
 from station.publish import SequenceTracker
 from tests.conftest import free_endpoint, run_station, start_bridge, stop_bridge
 from tests.stationproc import StationProcess
@@ -34,8 +40,8 @@ def _bridge(endpoint: str, url: str, *extra: str) -> subprocess.Popen[str]:
     return start_bridge("opcua", endpoint, "--listen", url, *extra)
 
 
-def _stop(bridge: subprocess.Popen[str]) -> None:
-    stop_bridge(bridge, "opcua_bridge_stopped")
+def _stop(bridge: subprocess.Popen[str]) -> str:
+    return stop_bridge(bridge, "opcua_bridge_stopped")
 
 
 def _alive(bridge: subprocess.Popen[str]) -> None:
@@ -256,3 +262,273 @@ def test_a_bad_listen_url_exits_2_and_a_taken_port_exits_1_naming_it() -> None:
         busy = run_station("bridge", "opcua", "--connect", endpoint, "--listen", url, timeout=60)
     assert busy.returncode == 1 and f"--listen {url}: cannot listen" in busy.stderr, busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+# -- seq 0, the first bottle of every run -------------------------------------------
+
+
+def _welcome(run_id: str) -> Message:
+    zeros = dict.fromkeys(("captured", "inspected", "skipped", "errors", "published", "passed", "failed"), 0)
+    return {"schema": "station.welcome/1", "station": "x", "run_id": run_id, "next_seq": 0, "state": "running",
+            "counters": zeros, "last_verdict": None}
+
+
+def _publisher(endpoint: str, welcome: Message) -> zmq.Socket[bytes]:
+    """A station's verdict socket as the bridge sees it, driven by hand: exact runs and seqs, no model."""
+    pub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.XPUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.XPUB_WELCOME_MSG, b"welcome.x " + json.dumps(welcome).encode())
+    pub.bind(endpoint)
+    return pub
+
+
+def _fail(run_id: str, seq: int) -> list[bytes]:
+    message = {"schema": "station.verdict/1", "station": "x", "run_id": run_id, "seq": seq, "verdict": "fail",
+               "reasons": ["anomaly"], "class": {"label": "good", "confidence": 0.75},
+               "anomaly": {"score": 9.5, "threshold": 5.0}, "error": None}
+    return [b"verdict.x", json.dumps(message).encode()]
+
+
+class Statuses:
+    """Data-change notifications of some nodes, in order: (path, status name, value)."""
+
+    def __init__(self, plc: Plc, *paths: str) -> None:
+        self.nodes = {path: plc.node(path) for path in paths}
+        self.names = {node.nodeid: path for path, node in self.nodes.items()}
+        self.seen: list[tuple[str, str, Any]] = []
+
+    def datachange_notification(self, node: Node, val: Any, data: DataChangeNotif) -> None:
+        status = data.monitored_item.Value.StatusCode
+        self.seen.append((self.names[node.nodeid], status.name if status is not None else "Good", val))
+
+    def good(self, path: str) -> list[Any]:
+        return [value for p, status, value in self.seen if p == path and status == "Good"]
+
+    def first(self, path: str) -> str:
+        return next(status for p, status, _ in self.seen if p == path)
+
+
+def test_seq_0_notifies_for_the_first_bottle_and_again_for_the_first_bottle_of_each_new_run() -> None:
+    endpoint, url = free_endpoint(), _free_opcua_url()
+    pub = _publisher(endpoint, _welcome("r1"))
+    bridge = _bridge(endpoint, url, "--reject-pulse-ms", "0")
+
+    async def scenario() -> None:
+        async with _plc(url, bridge) as plc:
+            async def read(path: str) -> Any:
+                return (await plc.read(path))[path]
+
+            async def welcomed() -> bool:
+                return bool(await read("State") == "running")
+
+            await plc.until("the welcome", welcomed)
+            # A PLC that reads before any verdict: no value, and a status that says why.
+            before = await plc.node("LastVerdict.Seq").read_data_value(raise_on_bad_status=False)
+            assert before.StatusCode is not None and before.StatusCode.name == "BadWaitingForInitialData"
+            assert before.Value is not None and before.Value.Value is None
+
+            seen = Statuses(plc, "LastVerdict.Seq", "RejectSeq")
+            subscription = await plc.client.create_subscription(20, seen)
+            await subscription.subscribe_data_change(list(seen.nodes.values()))
+
+            async def notified(runs: int) -> bool:
+                return seen.good("LastVerdict.Seq") == [0] * runs and seen.good("RejectSeq") == [0] * runs
+
+            pub.send_multipart(_fail("r1", 0))
+            await plc.until("seq 0 of the first run", lambda: notified(1))
+            # The station restarted, and the bridge learns it from the new run's seq 0 itself: same value,
+            # one event, and still a notification.
+            pub.send_multipart(_fail("r2", 0))
+            await plc.until("seq 0 of the second run", lambda: notified(2))
+            # Restarted again, announced by a heartbeat this time: no value until its first verdict.
+            heartbeat = {**_welcome("r3"), "schema": "station.heartbeat/1", "fps": 0.0}
+            pub.send_multipart([b"heartbeat.x", json.dumps(heartbeat).encode()])
+
+            async def third_run() -> bool:
+                return bool(await read("RunId") == "r3")
+
+            await plc.until("the third run's heartbeat", third_run)
+            assert await read("LastVerdict.Seq") is None  # read as a PLC would, between the runs
+            pub.send_multipart(_fail("r3", 0))
+            await plc.until("seq 0 of the third run", lambda: notified(3))
+            await subscription.delete()
+            assert seen.first("LastVerdict.Seq") == seen.first("RejectSeq") == "BadWaitingForInitialData"
+            assert await read("RejectCount") == 3
+
+    try:
+        # The XPUB attaches the bridge's pipe, and sends it the welcome, when the socket is next used.
+        assert pub.poll(30_000), "the bridge never subscribed"
+        asyncio.run(scenario())
+        _stop(bridge)
+    finally:
+        bridge.kill()
+        pub.close(0)
+
+
+# -- malformed messages on the port ---------------------------------------------------
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def _hello(url: str, *, chunk: bytes = b"F", receive: int = 65535, send: int = 65535, max_message: int = 0,
+           size: int | None = None) -> bytes:
+    """An OPC UA Hello, built by hand: header, five UInt32 limits, the EndpointUrl as an Int32-length string."""
+    endpoint = url.encode()
+    body = struct.pack("<5Ii", 0, receive, send, max_message, 0, len(endpoint)) + endpoint
+    return b"HEL" + chunk + struct.pack("<I", len(body) + 8 if size is None else size) + body
+
+
+def _exchange(port: int, data: bytes, wait_s: float = 5) -> tuple[bytes, bool]:
+    """What the server answers to ``data``, and whether it then closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        answer = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return answer, True
+            except TimeoutError:
+                return answer, False
+            if not chunk:
+                return answer, True
+            answer += chunk
+
+
+def _messages(answer: bytes) -> list[tuple[bytes, bytes]]:
+    """The OPC UA TCP messages in an answer: (type + chunk type, body)."""
+    out = []
+    while len(answer) >= 8:
+        size = struct.unpack_from("<I", answer, 4)[0]
+        out.append((answer[:4], answer[8:size]))
+        answer = answer[size:]
+    return out
+
+
+def _error(body: bytes) -> tuple[str, str]:
+    code, length = struct.unpack_from("<Ii", body)
+    return ua.StatusCode(ua.UInt32(code)).name, body[8:8 + length].decode()
+
+
+def test_malformed_hellos_get_an_error_message_and_a_hang_up_one_short_json_line_each_rate_limited() -> None:
+    url = _free_opcua_url()
+    port = _port(url)
+    bridge = _bridge(free_endpoint(), url)
+    opn_garbage = b"OPNF" + struct.pack("<I", 40) + b"\xff" * 32
+    cases = {
+        "wrong chunk type": (_hello(url, chunk=b"C"), "BadTcpMessageTypeInvalid"),
+        "endpoint URL over 4096": (_hello(url + "x" * 5000), "BadTcpEndpointUrlInvalid"),
+        "zero buffer sizes": (_hello(url, receive=0, send=0), "BadTcpNotEnoughResources"),
+        "message size 0xFFFFFFFF": (_hello(url, size=0xFFFFFFFF), "BadTcpMessageTooLarge"),
+        "not OPC UA": (b"GET / HTTP/1.1\r\nHost: plc\r\n\r\n", "BadTcpMessageTypeInvalid"),
+    }
+    try:
+        asyncio.run(_read_something(url, bridge))  # up, and serving
+        for case, (data, status) in cases.items():
+            answer, closed = _exchange(port, data)
+            messages = _messages(answer)
+            assert [kind for kind, _ in messages] == [b"ERRF"] and closed, (case, answer[:100], closed)
+            assert _error(messages[0][1])[0] == status, (case, _error(messages[0][1]))
+        # A good Hello after a bad OpenSecureChannel: acknowledged, then an Error and a hang-up (asyncua
+        # logged a traceback for it and kept the connection).
+        answer, closed = _exchange(port, _hello(url) + opn_garbage)
+        assert [kind for kind, _ in _messages(answer)] == [b"ACKF", b"ERRF"] and closed, answer[:100]
+        # MaxMessageSize 0xFFFFFFFF in a Hello is allowed (the client's limit): the server answers with its own.
+        answer, closed = _exchange(port, _hello(url, max_message=0xFFFFFFFF), wait_s=1)
+        (kind, body), = _messages(answer)
+        assert kind == b"ACKF" and not closed
+        assert 0 < struct.unpack_from("<5I", body)[3] < 0xFFFFFFFF
+        # A scanner at it: many bad clients, few lines.
+        bad = list(cases.values())
+        for i in range(40):
+            assert _exchange(port, bad[i % len(bad)][0])[1]
+        asyncio.run(_read_something(url, bridge))  # still serving good clients
+        err = _stop(bridge)
+    finally:
+        bridge.kill()
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert all(len(line) < 600 for line in lines), max(lines, key=len)
+    events = [json.loads(line) for line in lines]
+    refused = [e for e in events if e["event"] == "opcua_bad_message"]
+    assert 1 <= len(refused) <= 20 < len(cases) + 41, len(refused)
+    first = refused[0]
+    assert first["peer"].startswith("127.0.0.1:") and first["status"] == "BadTcpMessageTypeInvalid"
+    assert "chunk type 'C'" in first["reason"] and first["data"].startswith(_hello(url, chunk=b"C")[:16].hex())
+    assert refused[1]["status"] == "BadTcpEndpointUrlInvalid" and "(5" in refused[1]["data"]  # an excerpt
+    others = {e["event"] for e in events} - {"opcua_bad_message"}
+    assert others <= {"opcua_bridge_started", "stop_requested", "opcua_bridge_stopped"}, others
+
+
+async def _read_something(url: str, bridge: subprocess.Popen[str]) -> None:
+    async with _plc(url, bridge) as plc:
+        assert (await plc.read("WS_Cur_State"))["WS_Cur_State"] == 0
+
+
+# -- descriptions and engineering units ---------------------------------------------
+
+UNECE = "http://www.opcfoundation.org/UA/units/un/cefact"
+#: path: (UnitId from OPC UA's UNECE_to_OPCUA table, DisplayName, type definition)
+ANALOGUE = {
+    "Fps": (4405559, "s⁻¹", ObjectIds.AnalogUnitType),  # C97, reciprocal second
+    "LastVerdict.Confidence": (4404786, "1", ObjectIds.AnalogUnitRangeType),  # C62, one
+    "LastVerdict.AnomalyScore": (4404786, "score", ObjectIds.AnalogUnitType),
+    "LastVerdict.AnomalyThreshold": (4404786, "score", ObjectIds.AnalogUnitType),
+}
+
+
+async def _tree(node: Node) -> list[Node]:
+    children = await node.get_children()
+    return [node, *[n for child in children for n in await _tree(child)]]
+
+
+def test_every_node_says_what_it_means_in_english_and_analogue_values_carry_unece_units() -> None:
+    url = _free_opcua_url()
+    bridge = _bridge(free_endpoint(), url)
+
+    async def scenario() -> None:
+        async with _plc(url, bridge) as plc:
+            nodes = await _tree(plc.client.get_node(f"ns={plc.idx};s=Station"))
+            assert len(nodes) > 40  # the groups, every point, the units' properties
+            undescribed = []
+            for node in nodes:
+                name, text = (await node.read_browse_name()).Name, await node.read_description()
+                # Not the browse name again (asyncua's default), but words, in a language a client can show.
+                if text.Locale != "en" or not text.Text or text.Text == name or len(text.Text.split()) < 3:
+                    undescribed.append((name, text))
+            assert not undescribed, undescribed
+            for path, (unit_id, display, typedef) in ANALOGUE.items():
+                node = plc.node(path)
+                assert await node.read_type_definition() == ua.NodeId(ua.Int32(typedef)), path
+                units = await (await node.get_child("0:EngineeringUnits")).read_value()
+                assert (units.NamespaceUri, units.UnitId, units.DisplayName.Text) == (UNECE, unit_id, display), units
+                assert units.DisplayName.Locale == units.Description.Locale == "en" and units.Description.Text
+            confidence_range = await (await plc.node("LastVerdict.Confidence").get_child("0:EURange")).read_value()
+            assert (confidence_range.Low, confidence_range.High) == (0.0, 1.0)
+            # Counts, codes and text are not analogue: no units.
+            plain = ua.NodeId(ua.Int32(ObjectIds.BaseDataVariableType))
+            for path in ("WS_Tot_Containers", "WS_Cur_State", "LastVerdict.Seq", "LastVerdict.Verdict"):
+                assert await plc.node(path).read_type_definition() == plain, path
+                assert await plc.node(path).get_properties() == [], path
+
+    try:
+        asyncio.run(scenario())
+        _stop(bridge)
+    finally:
+        bridge.kill()
+
+
+def test_asyncuas_own_log_records_become_one_line_each_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    logger = logging.getLogger("asyncua.server.binary_server_asyncio")
+    with structlog.testing.capture_logs() as lines, asyncua_logs_as_lines():
+        try:
+            raise ValueError("unpack requires a buffer of 8 bytes")
+        except ValueError:
+            logger.exception("Exception raised while processing message from client")
+        logger.info("New connection from ('127.0.0.1', 40000)")  # below warning: not worth a line
+    assert lines == [{"event": "asyncua_log", "peer": None, "asyncua_level": "error", "log_level": "warning",
+                      "message": "Exception raised while processing message from client",
+                      "error": "ValueError: unpack requires a buffer of 8 bytes"}]
+    assert capsys.readouterr().err == ""  # nothing through logging's last resort, as bare text
