@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -56,6 +56,7 @@ class MemorySource:
         self.images = images
         self.rate = rate
         self.finite = rate is None
+        self.on_overload: Literal["wait", "skip"] = "wait" if rate is None else "skip"
         self.count = len(images) if count is None else count  # more than len(images): cycled
 
     def describe(self) -> str:

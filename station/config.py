@@ -26,6 +26,8 @@ class FolderSourceConfig(_Strict):
     path: Path
     poll_interval_s: float = Field(default=0.2, gt=0, le=60)
     process_existing: bool = True
+    #: inspection busy: ``wait`` (every file inspected) or ``skip`` (a ``skipped`` verdict, bounded latency)
+    on_overload: Literal["wait", "skip"] = "wait"
 
 
 class _CameraCommon(_Strict):

@@ -75,9 +75,9 @@ class Station:
         self.run_id = run_id
         self.publisher = publisher
         self.sinks = sinks or []
-        # Replay waits for inspection (every recorded frame gets a real verdict);
-        # a live camera cannot wait, so its surplus frames are skipped, visibly.
-        self.skip_when_busy = (not source.finite) if skip_when_busy is None else skip_when_busy
+        # Files wait for inspection (every one gets a real verdict); a live camera
+        # cannot wait, so its surplus frames are skipped, visibly.
+        self.skip_when_busy = (source.on_overload == "skip") if skip_when_busy is None else skip_when_busy
         self.heartbeat_interval_s = heartbeat_interval_s
         self.counters = Counters()
         self.state = "starting"

@@ -167,19 +167,22 @@ def test_sighup_reloads_bundle_and_refuses_a_bad_one(bundle: Path, eval_root: Pa
     assert stopped["counters"]["captured"] == stopped["counters"]["published"] == 3
 
 
-def test_overload_skips_visibly_and_accounts_for_every_frame(bundle: Path, eval_root: Path,
-                                                            tmp_path: Path) -> None:
+def _fill(folder: Path, eval_root: Path, n: int) -> None:
+    """``n`` images named 000.png… in ``folder``, cycled from the labelled set."""
+    images = sorted(p for cls in sorted(eval_root.iterdir()) for p in sorted(cls.iterdir()))
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        shutil.copy(images[i % len(images)], folder / f"{i:03d}.png")
+
+
+def test_overload_skip_mode_skips_visibly_and_accounts_for_every_frame(bundle: Path, eval_root: Path,
+                                                                       tmp_path: Path) -> None:
     endpoint = free_endpoint()
-    incoming = tmp_path / "incoming"
-    incoming.mkdir()
-    n = 0
-    for _ in range(4):
-        for cls in sorted(eval_root.iterdir()):
-            for img in sorted(cls.iterdir()):
-                shutil.copy(img, incoming / f"{n:03d}.png")
-                n += 1
+    n = 48
+    _fill(tmp_path / "incoming", eval_root, n)
     # The frames are there before the station starts: hold them until the subscriber is connected.
     config = _config(tmp_path, bundle, endpoint, inference={"queue_size": 1},
+                     source={"path": "incoming", "poll_interval_s": 0.05, "on_overload": "skip"},
                      publish={"endpoint": endpoint, "heartbeat_interval_s": 0.2, "wait_subscribers": 1})
     proc = subprocess.Popen(station_cmd("run", "--config", str(config)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -199,3 +202,33 @@ def test_overload_skips_visibly_and_accounts_for_every_frame(bundle: Path, eval_
     c = stopped["counters"]
     assert c["captured"] == c["published"] == n
     assert c["skipped"] == len(skipped) and c["inspected"] + c["skipped"] + c["errors"] == n
+
+
+def test_a_burst_into_a_watched_folder_is_inspected_file_by_file_by_default(bundle: Path, eval_root: Path,
+                                                                           tmp_path: Path) -> None:
+    """200 files copied at once into a running station's folder: 200 inspected verdicts, none skipped."""
+    endpoint = free_endpoint()
+    n = 200
+    config = _config(tmp_path, bundle, endpoint, inference={"queue_size": 1})
+    proc = subprocess.Popen(station_cmd("run", "--config", str(config)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sub = Subscriber(endpoint, station="cam1")
+    try:
+        _wait_subscribed(sub)
+        staging = tmp_path / "staging"
+        _fill(staging, eval_root, n)
+        for path in sorted(staging.iterdir()):  # a rename is atomic: the burst lands at once
+            path.rename(tmp_path / "incoming" / path.name)
+        verdicts = _verdicts(sub, n, timeout_s=180)
+        proc.send_signal(signal.SIGTERM)
+        stopped = _stopped(sub)
+        proc.wait(timeout=30)
+    finally:
+        sub.close()
+        proc.kill()
+    assert proc.returncode == 0
+    assert [v["verdict"] for v in verdicts if v["verdict"] not in ("pass", "fail")] == []
+    assert all(v["class"] is not None for v in verdicts), "every file is inspected, not only accounted for"
+    assert sorted(v["frame_id"] for v in verdicts) == [f"{i:03d}.png" for i in range(n)]
+    c = stopped["counters"]
+    assert c["captured"] == c["published"] == c["inspected"] == n and c["skipped"] == 0

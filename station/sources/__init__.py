@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Literal, Protocol
 
 from station.frame import Frame
 
@@ -12,6 +12,9 @@ from station.frame import Frame
 class Source(Protocol):
     #: True when the source ends by itself (replay); live sources run until stopped.
     finite: bool
+    #: When inspection is busy: ``wait`` holds the source back (files can wait, every one is inspected);
+    #: ``skip`` gives the frame a ``skipped`` verdict (a live camera, where a late verdict is useless).
+    on_overload: Literal["wait", "skip"]
 
     def describe(self) -> str: ...
 

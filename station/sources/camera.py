@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import structlog
@@ -116,6 +116,8 @@ class CameraSource:
     def __init__(self, driver: CameraDriver, backoff: Backoff | None = None) -> None:
         self.driver = driver
         self.finite = driver.finite
+        # A video file's frames can wait for inspection; a live camera's cannot.
+        self.on_overload: Literal["wait", "skip"] = "wait" if driver.finite else "skip"
         self.backoff = backoff or Backoff()
         self.health = CameraHealth()
         self._lock = threading.Lock()

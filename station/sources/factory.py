@@ -10,7 +10,8 @@ from station.sources.folder import WatchedFolderSource
 
 def build_source(config: FolderSourceConfig | PylonSourceConfig | OpenCvSourceConfig) -> Source:
     if isinstance(config, FolderSourceConfig):
-        return WatchedFolderSource(config.path, config.poll_interval_s, config.process_existing)
+        return WatchedFolderSource(config.path, config.poll_interval_s, config.process_existing,
+                                   config.on_overload)
     backoff = Backoff(initial_s=min(0.1, config.reconnect_max_s), max_s=config.reconnect_max_s)
     if isinstance(config, PylonSourceConfig):
         from station.sources.pylon import PylonCamera

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from station.errors import FrameError, SourceError
 from station.frame import Frame
@@ -46,6 +47,7 @@ class FolderReplaySource:
     """Every file under ``root`` (recursive, sorted) exactly once, optionally paced at ``rate`` fps."""
 
     finite = True
+    on_overload: Literal["wait", "skip"] = "wait"
 
     def __init__(self, root: Path, classes: tuple[str, ...], rate: float | None = None) -> None:
         if not root.exists():
@@ -87,10 +89,14 @@ class WatchedFolderSource:
 
     finite = False
 
-    def __init__(self, path: Path, poll_interval_s: float = 0.2, process_existing: bool = True) -> None:
+    def __init__(self, path: Path, poll_interval_s: float = 0.2, process_existing: bool = True,
+                 on_overload: Literal["wait", "skip"] = "wait") -> None:
         if not path.is_dir():
             raise SourceError(f"watched folder {path} does not exist or is not a folder")
         self.path = path
+        # A file can wait on disk: by default every one is inspected. ``skip`` is for a folder fed
+        # by a live camera, where a verdict that comes late is worth less than a bounded latency.
+        self.on_overload = on_overload
         self.poll_interval_s = poll_interval_s
         self.process_existing = process_existing
         self._seen: set[Path] = set()
@@ -126,6 +132,8 @@ class WatchedFolderSource:
                 key=lambda p: (current[p][1], p.name),
             )
             for p in ready:
+                if stop.is_set():  # files not taken stay on disk for the next run
+                    return
                 self._seen.add(p)
                 yield load_frame(p, seq, self.path, source, None, lazy=True)
                 seq += 1
