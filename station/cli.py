@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from station.errors import (
     MissingDependencyError,
     StationError,
 )
+from station.signals import ShutdownSignals
 
 
 def _positive_int(text: str) -> int:
@@ -331,14 +331,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _install_stop_handlers(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 class JsonlSink:
     def __init__(self, path: Path) -> None:
         try:
@@ -379,26 +371,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     jsonl = JsonlSink(args.out) if args.out else None
     if jsonl:
         sinks.append(jsonl)
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    try:
-        if publisher and args.wait_subscribers:
-            log.info("waiting_for_subscribers", wanted=args.wait_subscribers, endpoint=args.publish)
-            got = publisher.wait_for_subscribers(args.wait_subscribers, args.wait_timeout)
-            if got < args.wait_subscribers:
-                raise StationError(
-                    f"only {got} of {args.wait_subscribers} subscribers connected to {args.publish} "
-                    f"within {args.wait_timeout:g} s"
-                )
-        log.info("replay_start", source=source.describe(), model=bundle.label, run_id=run_id)
-        collector.restart_clock()
-        station = Station(pipeline, source, args.station_id, run_id, publisher, sinks, workers=plan.workers)
-        counters = station.run(stop)
-    finally:
-        if jsonl:
-            jsonl.close()
-        if publisher:
-            publisher.close()
+    with ShutdownSignals() as signals:
+        try:
+            if publisher and args.wait_subscribers:
+                log.info("waiting_for_subscribers", wanted=args.wait_subscribers, endpoint=args.publish)
+                got = publisher.wait_for_subscribers(args.wait_subscribers, args.wait_timeout, signals.stop)
+                if got < args.wait_subscribers and not signals.stop.is_set():
+                    raise StationError(
+                        f"only {got} of {args.wait_subscribers} subscribers connected to {args.publish} "
+                        f"within {args.wait_timeout:g} s"
+                    )
+            log.info("replay_start", source=source.describe(), model=bundle.label, run_id=run_id)
+            collector.restart_clock()
+            station = Station(pipeline, source, args.station_id, run_id, publisher, sinks, workers=plan.workers)
+            counters = station.run(signals.stop, signals.finish_now)
+        finally:
+            if jsonl:
+                jsonl.close()
+            if publisher:
+                publisher.close()
     summary = collector.summary()
     summary.update(model=bundle.manifest.name, version=bundle.manifest.version, source=str(args.source),
                    run_id=run_id, counters=counters.snapshot())
@@ -439,42 +430,47 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     feed = VerdictFeed(args.connect, station=args.station_id, curve=_client_keys(args))
     tracker = feed.tracker
-    received = 0
     outcome: dict[str, int] = {}
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    try:
-        while not stop.is_set():
-            event = feed.next(args.timeout if args.timeout else 0.5)
-            if event is None:
-                if args.timeout:
-                    print(f"subscribe: no message for {args.timeout:g} s, exiting", file=sys.stderr)
-                    break
-                continue
-            for note in event.notes:
-                print(f"subscribe: warning: {note}", file=sys.stderr, flush=True)
-            m = event.message
-            if event.kind == "heartbeat":
-                stopped = m.get("state") == "stopped" and m.get("run_id") == tracker.run_id
-                if args.exit_on_stop and stopped and m.get("next_seq") == tracker.expected:
-                    break
-                continue
-            if event.kind == "welcome":
-                print(f"subscribe: connected to {m.get('station')} run {m.get('run_id')}, state {m.get('state')}, "
-                      f"next seq {m.get('next_seq')}", file=sys.stderr, flush=True)
-                continue
-            received += 1
-            outcome[m.get("verdict", "?")] = outcome.get(m.get("verdict", "?"), 0) + 1
-            line = json.dumps(m, ensure_ascii=False) if args.json else _format_verdict_line(m)
-            print(line, flush=True)
-            if args.count and received >= args.count:
-                break
-    finally:
-        feed.close()
+    with ShutdownSignals() as signals:
+        try:
+            _subscribe_loop(args, feed, signals.stop, outcome)
+        finally:
+            feed.close()
     parts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.items()))
-    print(f"subscribe: {received} verdicts ({parts}); {tracker.gaps} gaps, {tracker.missed} missed",
+    print(f"subscribe: {sum(outcome.values())} verdicts ({parts}); {tracker.gaps} gaps, {tracker.missed} missed",
           file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+def _subscribe_loop(args: argparse.Namespace, feed: Any, stop: threading.Event, outcome: dict[str, int]) -> None:
+    """Print verdicts until stopped, the count is reached, the station stops (--exit-on-stop) or silence."""
+    tracker = feed.tracker
+    received = 0
+    while not stop.is_set():
+        event = feed.next(args.timeout if args.timeout else 0.5)
+        if event is None:
+            if args.timeout:
+                print(f"subscribe: no message for {args.timeout:g} s, exiting", file=sys.stderr)
+                return
+            continue
+        for note in event.notes:
+            print(f"subscribe: warning: {note}", file=sys.stderr, flush=True)
+        m = event.message
+        if event.kind == "heartbeat":
+            stopped = m.get("state") == "stopped" and m.get("run_id") == tracker.run_id
+            if args.exit_on_stop and stopped and m.get("next_seq") == tracker.expected:
+                return
+            continue
+        if event.kind == "welcome":
+            print(f"subscribe: connected to {m.get('station')} run {m.get('run_id')}, state {m.get('state')}, "
+                  f"next seq {m.get('next_seq')}", file=sys.stderr, flush=True)
+            continue
+        received += 1
+        outcome[m.get("verdict", "?")] = outcome.get(m.get("verdict", "?"), 0) + 1
+        line = json.dumps(m, ensure_ascii=False) if args.json else _format_verdict_line(m)
+        print(line, flush=True)
+        if args.count and received >= args.count:
+            return
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -500,12 +496,11 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         raise MissingDependencyError(f"the {args.bridge} bridge needs {needed}: pip install 'station[bridges]'")
     module = importlib.import_module(f"station.bridges.{args.bridge}")
     feed = VerdictFeed(args.connect, station=args.station_id, curve=_client_keys(args))
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    try:
-        rc: int = module.run(args, feed, stop)
-    finally:
-        feed.close()
+    with ShutdownSignals() as signals:
+        try:
+            rc: int = module.run(args, feed, signals.stop)
+        finally:
+            feed.close()
     return rc
 
 
@@ -532,21 +527,31 @@ def _build_pipeline(config: Any, plan: Any) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from station.config import load_config
+    from station.logsetup import configure_logging
+
+    config = load_config(args.config)
+    configure_logging(args.log_level or config.log_level)
+    reload_requested = threading.Event()
+    # Installed before the models load: a SIGTERM during start-up is a clean stop, not a kill.
+    with ShutdownSignals(on_hup=reload_requested.set) as signals:
+        return _run_station(args, config, signals, reload_requested)
+
+
+def _run_station(args: argparse.Namespace, config: Any, signals: ShutdownSignals,
+                 reload_requested: threading.Event) -> int:
     import structlog
 
     from station import parallelism
     from station.archive import RejectArchive
     from station.config import load_config
     from station.daemon import Station
-    from station.logsetup import configure_logging
     from station.metrics import StationMetrics
     from station.publish import VerdictPublisher
     from station.sdnotify import Notifier, watchdog_interval_s
     from station.security import ServerKeys
     from station.sources.factory import build_source
 
-    config = load_config(args.config)
-    configure_logging(args.log_level or config.log_level)
     log = structlog.get_logger("station.run")
     source = build_source(config.source)
     # One plan for the run: workers are threads started once, so a reload keeps the sessions' threads too.
@@ -584,7 +589,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     station = Station(pipeline, source, config.station_id, run_id, publisher, sinks,
                       queue_size=config.inference.queue_size, workers=plan.workers,
                       heartbeat_interval_s=config.publish.heartbeat_interval_s,
-                      notifier=notifier, watchdog_interval_s=watchdog_interval_s(), reloader=reload)
+                      notifier=notifier, watchdog_interval_s=watchdog_interval_s(), reloader=reload,
+                      reload_requested=reload_requested)
 
     def read_station() -> dict[str, Any]:
         return {**station.snapshot(), "archive": archive.snapshot() if archive else None}
@@ -594,21 +600,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics = StationMetrics(read_station)
             metrics.serve(config.metrics.listen)
             station.on_verdict = metrics.observe
-        stop = threading.Event()
-        _install_stop_handlers(stop)
-        signal.signal(signal.SIGHUP, lambda _s, _f: station.reload_requested.set())
         if archive:
             archive.start()
         wanted = config.publish.wait_subscribers
         if wanted:
-            got = publisher.wait_for_subscribers(wanted, config.publish.wait_timeout_s)
+            got = publisher.wait_for_subscribers(wanted, config.publish.wait_timeout_s, signals.stop)
             if got < wanted:
                 log.warning("subscribers_missing", wanted=wanted, connected=got, endpoint=config.publish.endpoint)
         log.info("station_ready", station=config.station_id, model=pipeline.bundle.label,
                  source=source.describe(), endpoint=config.publish.endpoint, run_id=run_id,
                  metrics=config.metrics.listen, archive=str(config.archive.path) if archive else None,
                  systemd=notifier.enabled)
-        station.run(stop)
+        station.run(signals.stop, signals.finish_now)
     finally:
         if archive:
             archive.close()

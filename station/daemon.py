@@ -4,6 +4,11 @@ Every captured frame is accounted for: it gets a verdict, or, when inspection
 cannot keep up with a live source, an explicit ``skipped`` verdict (reason
 ``overload``). ``captured == published`` when the run ends.
 
+Stopping: ``stop`` ends capture and drains, every captured frame inspected and
+published. ``finish_now`` (a second SIGTERM during the drain) cuts the drain
+short: frames not yet inspected are published as ``skipped`` (reason
+``shutdown``), the ones being inspected finish and are published.
+
 Inspection runs in ``workers`` threads (decode, preprocessing and both models
 release the GIL, so on N cores N workers inspect N frames at once); verdicts
 are published in capture order whatever order the workers finish in, so a
@@ -16,12 +21,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
 
-from station.decide import FAIL, PASS, SKIPPED
+from station.counters import Counters
+from station.decide import FAIL, PASS, REASON_SHUTDOWN, SKIPPED
 from station.errors import StationError
 from station.pipeline import REASON_INFERENCE, Pipeline
 from station.publish import VerdictPublisher
@@ -35,20 +40,6 @@ log = structlog.get_logger("station.daemon")
 Sink = Callable[[Verdict, dict[str, Any]], None]
 
 _END = object()
-
-
-@dataclass
-class Counters:
-    captured: int = 0
-    inspected: int = 0
-    skipped: int = 0
-    errors: int = 0
-    published: int = 0
-    passed: int = 0
-    failed: int = 0
-
-    def snapshot(self) -> dict[str, int]:
-        return asdict(self)
 
 
 class Station:
@@ -68,6 +59,7 @@ class Station:
         reloader: Callable[[], Pipeline] | None = None,
         on_verdict: Callable[[Verdict], None] | None = None,
         workers: int = 1,
+        reload_requested: threading.Event | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.source = source
@@ -92,7 +84,9 @@ class Station:
         self.watchdog_interval_s = watchdog_interval_s
         self.reloader = reloader
         self.on_verdict = on_verdict
-        self.reload_requested = threading.Event()
+        #: set (by SIGHUP) to reload config and bundle between frames
+        self.reload_requested = reload_requested or threading.Event()
+        self.finish_now = threading.Event()
         self._reload_thread: threading.Thread | None = None
         self._last_progress = time.monotonic()
         self._published_at_last_ping = 0
@@ -136,6 +130,9 @@ class Station:
                 return
             index, frame = item
             pipeline = self.pipeline  # a reload swaps it between frames, never during one
+            if self.finish_now.is_set():
+                self._publish_q.put((index, skipped_verdict(frame, pipeline.model, REASON_SHUTDOWN)))
+                continue
             try:
                 verdict = pipeline.process(frame)
             except Exception as exc:  # fail-safe: never lose the frame
@@ -249,8 +246,13 @@ class Station:
             extra = {"camera": s["camera"]} if s["camera"] is not None else None
             self.publisher.heartbeat(s["state"], s["counters"], s["fps"], extra)
 
-    def run(self, stop: threading.Event) -> Counters:
-        """Run until the source ends (replay) or ``stop`` is set; drain; return the counters."""
+    def run(self, stop: threading.Event, finish_now: threading.Event | None = None) -> Counters:
+        """Run until the source ends (replay) or ``stop`` is set; drain; return the counters.
+
+        ``finish_now``: when set (a second SIGTERM), frames not yet inspected are skipped.
+        """
+        if finish_now is not None:
+            self.finish_now = finish_now
         self._started = time.monotonic()
         capture = threading.Thread(target=self._capture, args=(stop,), name="capture", daemon=True)
         inspectors = [threading.Thread(target=self._inspect, name=f"inspect-{n}", daemon=True)
@@ -284,6 +286,8 @@ class Station:
                 wait = min(next_beat, next_tick) - time.monotonic()
                 item = self._publish_q.get(timeout=max(0.0, min(wait, 0.1)))
             except queue.Empty:
+                if self.publisher is not None:
+                    self.publisher.service()
                 continue
             if item is _END:
                 ended += 1

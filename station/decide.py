@@ -18,6 +18,8 @@ REASON_DEFECT_CLASS = "defect_class"
 REASON_ANOMALY = "anomaly"
 REASON_ERROR = "error"
 REASON_OVERLOAD = "overload"
+#: a frame captured before a stop, left uninspected because a second stop signal asked to finish now
+REASON_SHUTDOWN = "shutdown"
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,14 @@ subscribe`` and the bridges report it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
+from station.counters import Counters
 from station.errors import PublishError
 from station.security import ClientKeys, CurveServer, ServerKeys, apply_client
 from station.timefmt import iso_utc
@@ -36,6 +38,12 @@ HEARTBEAT_SCHEMA = "station.heartbeat/1"
 WELCOME_SCHEMA = "station.welcome/1"
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
+
+# What a subscriber may send the station: subscriptions, one byte and a topic. A peer that sends
+# more (a bigger message, garbage) is disconnected by ZeroMQ before the message is held in memory.
+MAX_INBOUND_BYTES = 4096
+# What a bridge accepts from a station: verdicts and welcomes are a few KiB.
+MAX_VERDICT_BYTES = 1 << 20
 
 # Room for a burst of verdicts to a briefly slow subscriber; past it ZeroMQ drops
 # for that subscriber, and the subscriber sees the gap in ``seq``.
@@ -76,11 +84,13 @@ class VerdictPublisher:
         self._heartbeat_topic = heartbeat_topic(station).encode()
         self._welcome_topic = welcome_topic(station).encode()
         self._last_verdict: bytes = b"null"
-        self._status: dict[str, Any] = {"state": "starting", "counters": {}}
+        # A subscriber that joins before the first heartbeat still gets every counter (all zero).
+        self._status: dict[str, Any] = {"state": "starting", "counters": Counters().snapshot()}
         self._ctx = context or zmq.Context.instance()
         self._curve = CurveServer(curve, self._ctx) if curve is not None else None
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
         # Deliver every subscription message, also repeats of a topic another
         # subscriber already holds, so each subscriber is counted.
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -120,10 +130,19 @@ class VerdictPublisher:
                 elif msg[0] == 0:
                     self.subscribers = max(0, self.subscribers - 1)
 
-    def wait_for_subscribers(self, n: int, timeout_s: float) -> int:
-        """Block until ``n`` verdict subscriptions have arrived or ``timeout_s`` passes."""
+    def service(self) -> None:
+        """Let ZeroMQ attach new subscribers now, so each gets its welcome without waiting for a send.
+
+        libzmq attaches a new pipe, and sends it the welcome, only when the
+        socket is next used; the station calls this from its loop between
+        verdicts, so a bridge joining an idle station is greeted at once.
+        """
+        self._drain_subscriptions()
+
+    def wait_for_subscribers(self, n: int, timeout_s: float, stop: threading.Event | None = None) -> int:
+        """Block until ``n`` verdict subscriptions have arrived, ``timeout_s`` passes or ``stop`` is set."""
         deadline = time.monotonic() + timeout_s
-        while self.subscribers < n:
+        while self.subscribers < n and not (stop is not None and stop.is_set()):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -182,6 +201,7 @@ class Subscriber:
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_VERDICT_BYTES)
         _zmtp_heartbeats(self._sock)
         if curve is not None:
             try:

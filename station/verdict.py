@@ -104,7 +104,8 @@ def skipped_verdict(frame: Frame, model: dict[str, str], reason: str = REASON_OV
     """A frame that was accounted for but explicitly not inspected.
 
     ``overload``: inference could not keep up; ``camera_skipped``: the
-    acquisition dropped it to stay current (a newest-frame-only strategy).
+    acquisition dropped it to stay current (a newest-frame-only strategy);
+    ``shutdown``: a second stop signal asked the station to finish now.
     """
     return Verdict(
         frame=frame, verdict=SKIPPED, reasons=[reason], model=model,

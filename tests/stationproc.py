@@ -51,11 +51,15 @@ class StationProcess:
 
     def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
+        exited_at: float | None = None
         with self._cond:
             while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    err = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
+                if exited_at is None and self.proc.poll() is not None:
+                    exited_at = time.monotonic()  # what it sent before exiting may still be on its way
+                left = min(deadline, exited_at + 2.0 if exited_at is not None else deadline) - time.monotonic()
+                if left <= 0:
+                    exited = self.proc.poll() is not None and self.proc.stderr and not self.proc.stderr.closed
+                    err = self.proc.stderr.read() if exited and self.proc.stderr else ""
                     raise AssertionError(f"timed out waiting for {what}; last heartbeat "
                                          f"{self.heartbeats[-1:]}; station stderr: {err[-3000:]}")
                 self._cond.wait(min(left, 0.5))
@@ -75,6 +79,14 @@ class StationProcess:
 
         self.wait("a matching heartbeat", seen, timeout_s)
         return found[0]
+
+    def stopped_heartbeat(self, timeout_s: float = 60) -> Message:
+        """The ``stopped`` heartbeat, received already or still to come."""
+        def stopped() -> list[Message]:
+            return [h for h in self.heartbeats if h["state"] == "stopped"]
+
+        self.wait("the stopped heartbeat", lambda: bool(stopped()), timeout_s)
+        return stopped()[0]
 
     def terminate(self, timeout_s: float = 60) -> tuple[int, Message, str]:
         """SIGTERM; wait for the final ``stopped`` heartbeat and the exit; return (rc, stopped, stderr)."""

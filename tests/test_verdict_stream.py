@@ -3,9 +3,13 @@ gap detection across a reconnect, the trigger field."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import socket
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -13,7 +17,7 @@ import jsonschema
 from station.bridges.feed import VerdictFeed
 from station.publish import Subscriber
 from station.security import ClientKeys
-from tests.conftest import run_station, station_cmd
+from tests.conftest import free_endpoint, run_station, station_cmd
 from tests.stationproc import StationProcess
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "station/schemas/verdict-1.schema.json").read_text())
@@ -159,3 +163,78 @@ def test_tracker_counts_what_a_restart_or_reconnect_hid() -> None:
     assert t.join("r2", 3)[1] == "3 verdicts of the new run were missed (seq 0…2)"
     assert (t.gaps, t.missed) == (3, 11)
     assert t.observe("r3", 0) == ["new run_id r3 (was r2): the station restarted"] and t.missed == 11
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _zmtp_sub(endpoint: str) -> socket.socket:
+    """A raw TCP connection that says it is a ZeroMQ SUB socket (ZMTP 3.0, NULL mechanism)."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32)
+    greeting = b""
+    while len(greeting) < 64:
+        greeting += sock.recv(64 - len(greeting))
+    assert greeting[0] == 0xFF and greeting[10] == 3, greeting
+    body = b"\x05READY" + bytes([11]) + b"Socket-Type" + struct.pack(">I", 3) + b"SUB"
+    sock.sendall(bytes([0x04, len(body)]) + body)
+    return sock
+
+
+def test_an_oversized_inbound_message_is_refused_and_its_sender_disconnected(bundle: Path, tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    station = StationProcess(tmp_path, {"model": str(bundle), "source": {"path": str(incoming)}})
+    try:
+        station.wait_heartbeat(lambda h: h["state"] == "running")
+        rogue = _zmtp_sub(station.endpoint)
+        before = _rss_kib(station.proc.pid)
+        # One 8 MiB message frame (long form), sent until the station hangs up.
+        size = 8 << 20
+        rogue.sendall(b"\x02" + struct.pack(">Q", size))
+        sent = 0
+        chunk = b"x" * 65536
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while sent < size:
+                rogue.sendall(chunk)
+                sent += len(chunk)
+            while rogue.recv(65536):  # what the station sent before hanging up
+                pass
+        rogue.close()
+        assert sent < size, "the station read a whole 8 MiB message from a subscriber"
+        time.sleep(0.5)
+        grown_kib = _rss_kib(station.proc.pid) - before
+        assert grown_kib < 2048, f"resident memory grew {grown_kib} KiB"
+        # The line goes on: heartbeats still reach an ordinary subscriber.
+        station.wait_heartbeat(lambda h: h["state"] == "running", timeout_s=10)
+        assert station.proc.poll() is None
+    finally:
+        station.close()
+
+
+def test_a_welcome_before_the_first_heartbeat_carries_every_counter() -> None:
+    from station.counters import Counters
+    from station.publish import VerdictPublisher
+
+    endpoint = free_endpoint()
+    publisher = VerdictPublisher(endpoint, "cam1", "run1")
+    sub = Subscriber(endpoint, station="cam1")
+    try:
+        item = None
+        deadline = time.monotonic() + 10
+        while item is None and time.monotonic() < deadline:
+            publisher.service()  # what the station's loop does between verdicts
+            item = sub.receive(0.1)
+        assert item is not None and item.topic == "welcome.cam1"
+        assert item.message["state"] == "starting" and item.message["next_seq"] == 0
+        assert item.message["counters"] == Counters().snapshot()
+        assert set(item.message["counters"]) == {"captured", "inspected", "skipped", "errors", "published",
+                                                 "passed", "failed"}
+    finally:
+        sub.close()
+        publisher.close()
