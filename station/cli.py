@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--train-good", type=_positive_int, default=60, help="good images in train/good")
     s.add_argument("--test-per-class", type=_positive_int, default=15, help="images per class in test/")
+    s.add_argument("--novel", type=_positive_int, default=0, metavar="N",
+                   help="also N images of unlabelled defect kinds in test/novel (not a class; for the anomaly check)")
 
     t = sub.add_parser("train", help="train classifier + autoencoder and write an ONNX model bundle")
     t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
@@ -239,7 +241,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         summary = write_dataset(args.out, seed=args.seed, train_good=args.train_good,
-                                test_per_class=args.test_per_class, progress=progress)
+                                test_per_class=args.test_per_class, novel=args.novel, progress=progress)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     except OSError as exc:
@@ -278,7 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from station.bundle import load_bundle
-    from station.evaluate import folder_items, holdout_items, metrics, run_evaluation, write_report
+    from station.evaluate import check_lines, folder_items, holdout_items, metrics, run_evaluation, write_report
     from station.evaluation import format_confusion
     from station.pipeline import Pipeline
 
@@ -301,6 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print("image AUROC per defect: " + ", ".join(f"{k} {fmt(v)}" for k, v in figures["image_auroc_per_defect"].items()))
     cm = figures["confusion_matrix"]
     print(format_confusion(cm["rows_true_cols_predicted"], cm["classes"]))
+    print("\n".join(check_lines(figures)))
     if args.report:
         try:
             written = write_report(result, figures, args.report)

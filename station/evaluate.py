@@ -3,6 +3,10 @@
 Runs the serving pipeline (ONNX Runtime, no torch), so the figures are what
 the station would do. Pixel AUROC compares the anomaly map, brought back into
 the canonical view, with MVTec ground-truth masks where they exist.
+
+Novel defects (``test/novel``, kinds no class names) are defects for image and
+pixel AUROC and for "defective rejected", but not part of the 4-class accuracy
+and confusion matrix: the classifier cannot name them, only reject them.
 """
 
 from __future__ import annotations
@@ -20,8 +24,20 @@ import numpy as np
 from station.bundle import Bundle
 from station.decide import FAIL
 from station.errors import DatasetError
-from station.evaluation import auroc, classification_report, reject_rates, roc_curve
-from station.mvtec import GOOD, LabelledImage, is_image_file
+from station.evaluation import (
+    ALL_DEFECTS,
+    CHECKS,
+    auroc,
+    classification_report,
+    format_checks,
+    format_novel,
+    inspected,
+    novel_report,
+    reject_rates,
+    rejection_by_check,
+    roc_curve,
+)
+from station.mvtec import GOOD, NOVEL, LabelledImage, is_image_file, novel_kind
 from station.overlay import anomaly_overlay, cartesian_map
 from station.pipeline import Pipeline
 from station.preprocess import canonical_view
@@ -39,6 +55,7 @@ class Case:
     score: float | None
     failed: bool
     error: str | None
+    reasons: list[str] = field(default_factory=list)  # the decision's (anomaly, defect_class)
     overlay_source: tuple[np.ndarray, np.ndarray] | None = None  # canonical view, cartesian anomaly map
 
 
@@ -64,13 +81,13 @@ def holdout_items(bundle: Bundle) -> list[LabelledImage]:
 
 
 def folder_items(root: Path, classes: tuple[str, ...]) -> list[LabelledImage]:
-    """A labelled folder (class subfolders) or an MVTec category folder (its test/ split)."""
+    """A labelled folder (class subfolders, perhaps ``novel``) or an MVTec category folder (its test/ split)."""
     if not root.is_dir():
         raise DatasetError(f"evaluation data {root} does not exist or is not a folder")
     base = root / "test" if (root / "test").is_dir() else root
     items = [
         LabelledImage(p, cls)
-        for cls in classes
+        for cls in (*classes, NOVEL)
         if (base / cls).is_dir()
         for p in sorted((base / cls).iterdir())
         if is_image_file(p)
@@ -97,7 +114,7 @@ def run_evaluation(pipeline: Pipeline, items: list[LabelledImage], keep_overlays
         d, sc = verdict.decision, verdict.scores
         case = Case(item.path, item.label, d.label if d else None, d.scores if d else {},
                     d.anomaly_score if d else None, verdict.verdict == FAIL,
-                    verdict.error["detail"] if verdict.error else None)
+                    verdict.error["detail"] if verdict.error else None, list(d.reasons) if d else [])
         if sc is not None and frame.image is not None:
             amap = cartesian_map(sc.anomaly_map, sc.mouth, m.view.radius_margin, m.canonical_size, PIXEL_SIDE)
             view, _ = canonical_view(frame.image, m.canonical_size)
@@ -127,7 +144,10 @@ def metrics(result: EvaluationResult, pipeline: Pipeline) -> dict[str, Any]:
     truth = [c.truth for c in ok]
     is_defect = [t != GOOD for t in truth]
     scores = [c.score for c in ok if c.score is not None]
-    report = classification_report(truth, [c.predicted or "" for c in ok], m.classes)
+    named = [c for c in ok if c.truth in m.classes]  # novel defects have no row in a 4-class confusion
+    report = classification_report([c.truth for c in named], [c.predicted or "" for c in named], m.classes)
+    bottles = [inspected(c.truth, c.predicted or "", c.score or 0.0, c.reasons, c.failed,
+                         novel_kind(c.path) if c.truth == NOVEL else None) for c in ok]
     rejected, passed = reject_rates([c.truth for c in result.cases], [c.failed for c in result.cases], GOOD)
     pixel = None
     defective_masks = sum(int(t.any()) for t in result.pixel_truth)
@@ -152,7 +172,14 @@ def metrics(result: EvaluationResult, pipeline: Pipeline) -> dict[str, Any]:
         "pixel_auroc_images": len(result.pixel_scores),
         "defects_rejected": rejected,
         "good_passed": passed,
+        "reject_by_check": rejection_by_check(bottles, GOOD, [c for c in m.classes if c != GOOD]),
+        "novel": novel_report(bottles, GOOD, NOVEL),
     }
+
+
+def check_lines(figures: dict[str, Any]) -> list[str]:
+    """The printed summary's lines on each check alone and on novel defects."""
+    return format_checks(figures["reject_by_check"]) + format_novel(figures["novel"])
 
 
 def write_report(result: EvaluationResult, figures: dict[str, Any], out: Path, worst: int = 6) -> list[Path]:
@@ -237,6 +264,26 @@ def write_report(result: EvaluationResult, figures: dict[str, Any], out: Path, w
         for k, v in figures["per_class"].items()
     )
     worst_html = "".join(f"<tr>{''.join(f'<td>{html.escape(x)}</td>' for x in r)}</tr>" for r in worst_rows)
+
+    def check_row(name: str, r: dict[str, Any], extra: str = "") -> str:
+        return (f"<tr><td>{html.escape(name)}</td><td>{r['images']}</td>{extra}"
+                + "".join(f"<td>{pct(r[check])}</td>" for check in CHECKS) + "</tr>")
+
+    by_check = figures["reject_by_check"]
+    check_rows = "".join(check_row("all defects" if g == ALL_DEFECTS else g, r)
+                         for g, r in by_check["rejected"].items())
+    check_rows += check_row("good passed", by_check["good_passed"])
+    novel = figures["novel"]
+    novel_html = ""
+    if novel is not None:
+        kind_rows = "".join(check_row(k, f, f"<td>{num(f['image_auroc'])}</td>") for k, f in novel["per_kind"].items())
+        predicted = ", ".join(f"{html.escape(k)} {v}" for k, v in novel["predicted"].items())
+        novel_html = (
+            f"<h2>Novel defects</h2><p>{novel['images']} images of defect kinds no class names: image AUROC "
+            f"against good bottles {num(novel['image_auroc'])}; the classifier called them {predicted}.</p>"
+            + (f"<table><tr><th>kind</th><th>images</th><th>image AUROC</th><th>anomaly only</th>"
+               f"<th>classifier only</th><th>combined</th></tr>{kind_rows}</table>" if kind_rows else "")
+        )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>station evaluation</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
@@ -248,6 +295,12 @@ class confidence {figures['class_confidence']}.</p>
 <td>{num(figures['pixel_auroc'])}</td><td>{pct(figures['defects_rejected'])}</td>
 <td>{pct(figures['good_passed'])}</td></tr></table>
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>images</th></tr>{rows}</table>
+<h2>Each check alone</h2><p>Share rejected by the anomaly check alone (score above the threshold, whatever
+the classifier says), by the classifier alone (a defect class at or above the class confidence) and by both
+(the verdict); last row: good bottles passed under each.</p>
+<table><tr><th>bottles</th><th>images</th><th>anomaly only</th><th>classifier only</th><th>combined</th></tr>
+{check_rows}</table>
+{novel_html}
 <p><img src="confusion.png"> <img src="roc.png"></p><p><img src="scores.png"></p>
 <h2>Worst cases</h2><p>Defects with the lowest anomaly scores, then good bottles with the highest
 (heat map: anomaly map; white outline: above threshold).</p>

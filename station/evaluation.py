@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from station.decide import REASON_ANOMALY, REASON_DEFECT_CLASS
+
+#: The rejections compared per group of bottles: each check of the decision on its own (its reason
+#: among the decision's reasons, whatever the other check said), and both together (the verdict).
+CHECKS: tuple[str, ...] = ("anomaly", "classifier", "combined")
+ALL_DEFECTS = "all_defects"
 
 
 def confusion_matrix(truth: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -83,3 +92,101 @@ def format_confusion(cm: list[list[int]], classes: Sequence[str]) -> str:
     for c, row in zip(classes, cm, strict=True):
         rows.append(f"{c:<{width}}" + "".join(f"{v:>14}" for v in row))
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """One inspected bottle as serving decided it."""
+
+    truth: str
+    predicted: str
+    score: float
+    rejected: Mapping[str, bool]  # by each of CHECKS
+    kind: str | None = None  # a novel defect's kind, where its file name records one
+
+
+def inspected(truth: str, predicted: str, score: float, reasons: Sequence[str], failed: bool,
+              kind: str | None = None) -> Inspected:
+    """Read the checks off the decision's own reasons, so the figures are what the station did.
+
+    Recomputing ``score > threshold`` here would be a second definition that could drift from
+    station/decide.py's.
+    """
+    rejected = {"anomaly": REASON_ANOMALY in reasons, "classifier": REASON_DEFECT_CLASS in reasons,
+                "combined": failed}
+    return Inspected(truth, predicted, score, rejected, kind)
+
+
+def _check_rates(bottles: Sequence[Inspected], passed: bool = False) -> dict[str, Any]:
+    """Share of ``bottles`` each check rejected (or, with ``passed``, let through); None for no bottles."""
+    row: dict[str, Any] = {"images": len(bottles)}
+    for check in CHECKS:
+        hits = [not b.rejected[check] if passed else b.rejected[check] for b in bottles]
+        row[check] = sum(hits) / len(hits) if hits else None
+    return row
+
+
+def rejection_by_check(bottles: Sequence[Inspected], good: str, defects: Sequence[str]) -> dict[str, Any]:
+    """Per defect group and over all defects, the share each check rejects; of good bottles, the share passed.
+
+    Every class in ``defects`` gets a row (None where it has no images) so the keys do not depend on
+    the data; a defect label that is not a class (``novel``) gets its own row when present.
+    """
+    others = sorted({b.truth for b in bottles if b.truth != good and b.truth not in defects})
+    rejected = {g: _check_rates([b for b in bottles if b.truth == g]) for g in [*defects, *others]}
+    rejected[ALL_DEFECTS] = _check_rates([b for b in bottles if b.truth != good])
+    return {"rejected": rejected, "good_passed": _check_rates([b for b in bottles if b.truth == good], passed=True)}
+
+
+def novel_report(bottles: Sequence[Inspected], good: str, novel: str) -> dict[str, Any] | None:
+    """Defects of kinds no class names: how well the anomaly score separates them from good bottles
+    (image AUROC), what each check rejects, and which class the classifier took them for."""
+    found = [b for b in bottles if b.truth == novel]
+    if not found:
+        return None
+    good_scores = [b.score for b in bottles if b.truth == good]
+
+    def figures(group: list[Inspected]) -> dict[str, Any]:
+        separation = auroc([b.score for b in group] + good_scores, [True] * len(group) + [False] * len(good_scores))
+        rates = _check_rates(group)
+        return {"images": rates.pop("images"), "image_auroc": separation, **rates}
+
+    kinds = sorted({b.kind for b in found if b.kind is not None})
+    return {
+        **figures(found),
+        "predicted": dict(Counter(b.predicted for b in found).most_common()),
+        "per_kind": {k: figures([b for b in found if b.kind == k]) for k in kinds},
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f} %"
+
+
+def format_checks(by_check: dict[str, Any]) -> list[str]:
+    """``rejection_by_check`` as a text table: a row per defect group, then good bottles passed."""
+    rows = [(g.replace("_", " ") if g == ALL_DEFECTS else g, r) for g, r in by_check["rejected"].items()]
+    rows.append(("good passed", by_check["good_passed"]))
+    width = max(len(name) for name, _ in rows) + 2
+    lines = ["rejected by each check alone and combined (the verdict); last row: good bottles passed",
+             f"  {'':<{width}}{'images':>7}{'anomaly':>11}{'classifier':>12}{'combined':>11}"]
+    for name, r in rows:
+        lines.append(f"  {name:<{width}}{r['images']:>7}{_pct(r['anomaly']):>11}{_pct(r['classifier']):>12}"
+                     f"{_pct(r['combined']):>11}")
+    return lines
+
+
+def format_novel(novel: dict[str, Any] | None) -> list[str]:
+    """``novel_report`` as text lines (none when there were no novel defects)."""
+    if novel is None:
+        return []
+
+    def one(f: dict[str, Any]) -> str:
+        auc = "n/a" if f["image_auroc"] is None else f"{f['image_auroc']:.3f}"
+        return (f"{f['images']} images, image AUROC vs good {auc}, rejected by anomaly {_pct(f['anomaly'])}, "
+                f"classifier {_pct(f['classifier'])}, combined {_pct(f['combined'])}")
+
+    lines = [f"novel defects: {one(novel)}",
+             "novel classified as: " + ", ".join(f"{k} {v}" for k, v in novel["predicted"].items())]
+    lines += [f"  novel {kind}: {one(f)}" for kind, f in novel["per_kind"].items()]
+    return lines

@@ -1,13 +1,30 @@
-"""Collects the verdicts of a replay and sums them up (accuracy, recall, confusion, AUROC)."""
+"""Collects the verdicts of a replay and sums them up (accuracy, recall, confusion, AUROC).
+
+Images under ``novel/`` are defects of kinds no class names: they count as
+defects (AUROC, defective rejected, each check's rejections) but stay out of
+the 4-class accuracy and confusion matrix.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from station.decide import FAIL, PASS, SKIPPED
-from station.evaluation import auroc, classification_report, format_confusion, reject_rates
-from station.mvtec import GOOD
+from station.evaluation import (
+    Inspected,
+    auroc,
+    classification_report,
+    format_checks,
+    format_confusion,
+    format_novel,
+    inspected,
+    novel_report,
+    reject_rates,
+    rejection_by_check,
+)
+from station.mvtec import GOOD, NOVEL, novel_kind
 from station.verdict import Verdict
 
 
@@ -25,6 +42,7 @@ class ReplayCollector:
         self.anomaly_scores: list[float] = []
         self.defect_probs: list[float] = []
         self.failed: list[bool] = []
+        self.bottles: list[Inspected] = []
         self.latency_total: list[float] = []
 
     def restart_clock(self) -> None:
@@ -48,6 +66,8 @@ class ReplayCollector:
         self.anomaly_scores.append(d.anomaly_score)
         self.defect_probs.append(1.0 - d.scores.get(GOOD, 0.0))
         self.failed.append(verdict.verdict == FAIL)
+        kind = novel_kind(Path(verdict.frame.frame_id)) if truth == NOVEL else None
+        self.bottles.append(inspected(truth, d.label, d.anomaly_score, d.reasons, verdict.verdict == FAIL, kind))
 
     def summary(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
@@ -66,7 +86,9 @@ class ReplayCollector:
             }
         if self.truth:
             is_defect = [t != GOOD for t in self.truth]
-            report = classification_report(self.truth, self.predicted, self.classes)
+            named = [i for i, t in enumerate(self.truth) if t in self.classes]
+            report = classification_report([self.truth[i] for i in named], [self.predicted[i] for i in named],
+                                           self.classes)
             rejected, passed = reject_rates(self.truth, self.failed, GOOD)
             out["labelled"] = {
                 **report,
@@ -74,6 +96,8 @@ class ReplayCollector:
                 "classifier_defect_auroc": auroc(self.defect_probs, is_defect),
                 "defects_rejected": rejected,
                 "good_passed": passed,
+                "reject_by_check": rejection_by_check(self.bottles, GOOD, [c for c in self.classes if c != GOOD]),
+                "novel": novel_report(self.bottles, GOOD, NOVEL),
             }
         return out
 
@@ -95,7 +119,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"p99 {summary['latency_ms']['p99']} ms")
     lab = summary.get("labelled")
     if lab:
-        lines.append(f"accuracy (4-class): {_pct(lab['accuracy'])} on {lab['n']} labelled images")
+        novel = lab.get("novel")
+        lines.append(f"accuracy (4-class): {_pct(lab['accuracy'])} on {lab['n']} labelled images"
+                     + (f" (novel defects excluded: {novel['images']})" if novel else ""))
         lines.append("recall: " + ", ".join(f"{k} {_pct(v['recall'])}" for k, v in lab["per_class"].items()))
         auc = lab["image_auroc"]
         lines.append(f"image AUROC (anomaly score): {'n/a' if auc is None else f'{auc:.3f}'}")
@@ -104,4 +130,5 @@ def format_summary(summary: dict[str, Any]) -> str:
         cm = lab["confusion_matrix"]
         lines.append("confusion matrix (rows: truth, columns: predicted):")
         lines.append(format_confusion(cm["rows_true_cols_predicted"], cm["classes"]))
+        lines += format_checks(lab["reject_by_check"]) + format_novel(novel)
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -91,3 +92,78 @@ def test_tolerance_factor_matches_published_tables() -> None:
     # More calibration images: the bound tightens toward the plain quantile z = 2.326.
     ks = [tolerance_factor(n, 0.99) for n in (13, 50, 200, 1000, 100_000)]
     assert ks == sorted(ks, reverse=True) and 2.326 < ks[-1] < 2.34
+
+
+def test_evaluate_anomaly_only_figures_follow_the_threshold(bundle: Path, eval_root: Path) -> None:
+    from station.bundle import load_bundle
+    from station.evaluate import EvaluationResult, folder_items, metrics, run_evaluation
+    from station.pipeline import Pipeline
+
+    loaded = load_bundle(bundle)
+    items = folder_items(eval_root.parent, loaded.manifest.classes)
+
+    def evaluate(threshold: float | None) -> tuple[dict[str, Any], EvaluationResult]:
+        pipeline = Pipeline(loaded, anomaly_threshold=threshold)
+        result = run_evaluation(pipeline, items, keep_overlays=False)
+        return metrics(result, pipeline), result
+
+    calibrated, result = evaluate(None)
+    scores = [c.score for c in result.cases if c.score is not None]
+    assert len(scores) == len(items) == 12
+    below, _ = evaluate(min(scores) - 1.0)
+    above, _ = evaluate(max(scores) + 1.0)
+
+    def row(figures: dict[str, Any], group: str) -> dict[str, Any]:
+        by_check: dict[str, Any] = figures["reject_by_check"]
+        return by_check["good_passed"] if group == "good" else by_check["rejected"][group]
+
+    assert row(below, "all_defects")["anomaly"] == 1.0 and row(below, "good")["anomaly"] == 0.0
+    assert row(above, "all_defects")["anomaly"] == 0.0 and row(above, "good")["anomaly"] == 1.0
+    # At the calibrated threshold the anomaly check rejects exactly the defects scoring above it.
+    defects = [c.score for c in result.cases if c.truth != "good" and c.score is not None]
+    expected = sum(s > calibrated["threshold"] for s in defects) / len(defects)
+    assert row(calibrated, "all_defects")["anomaly"] == pytest.approx(expected)
+    for group in ("broken_large", "broken_small", "contamination", "all_defects", "good"):
+        assert row(below, group)["images"] == (9 if group == "all_defects" else 3)
+        # The classifier does not look at the threshold.
+        classifier = [row(figures, group)["classifier"] for figures in (below, calibrated, above)]
+        assert classifier[0] == classifier[1] == classifier[2]
+    # Combined is the verdict: everything fails below every score; above, only the classifier rejects.
+    assert row(below, "all_defects")["combined"] == below["defects_rejected"] == 1.0
+    assert row(below, "good")["combined"] == below["good_passed"] == 0.0
+    assert row(above, "all_defects")["combined"] == above["defects_rejected"] == row(above, "all_defects")["classifier"]
+
+
+def test_evaluate_keeps_novel_defects_out_of_the_4_class_figures(bundle: Path, eval_root: Path,
+                                                                  tmp_path: Path) -> None:
+    data = tmp_path / "bottle"
+    shutil.copytree(eval_root.parent, data)
+    # Stand-ins for `station synth --novel`: copies of the broken_small images under novel kinds' names,
+    # so the novel figures must equal broken_small's.
+    (data / "test" / "novel").mkdir()
+    (data / "ground_truth" / "novel").mkdir()
+    small = sorted((data / "test" / "broken_small").iterdir())
+    assert len(small) == 3
+    for source, name in zip(small, ("000_crack", "001_crack", "002_stain"), strict=True):
+        shutil.copy(source, data / "test" / "novel" / f"{name}.png")
+        shutil.copy(data / "ground_truth" / "broken_small" / f"{source.stem}_mask.png",
+                    data / "ground_truth" / "novel" / f"{name}_mask.png")
+    report = tmp_path / "report"
+    proc = run_station("evaluate", "--model", str(bundle), "--data", str(data), "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((report / "metrics.json").read_text())
+
+    assert m["images"] == 15 and m["n"] == 12  # the confusion matrix has no novel row
+    assert sum(map(sum, m["confusion_matrix"]["rows_true_cols_predicted"])) == 12
+    assert m["pixel_auroc_images"] == 15  # novel masks count
+    rows = m["reject_by_check"]["rejected"]
+    assert rows["novel"]["images"] == 3 and rows["all_defects"]["images"] == 12
+    novel = m["novel"]
+    assert novel["images"] == 3 and sum(novel["predicted"].values()) == 3
+    assert novel["image_auroc"] == m["image_auroc_per_defect"]["broken_small"]
+    for check in ("anomaly", "classifier", "combined"):
+        assert novel[check] == rows["novel"][check] == rows["broken_small"][check]
+    assert {k: v["images"] for k, v in novel["per_kind"].items()} == {"crack": 2, "stain": 1}
+    assert "novel defects: 3 images" in proc.stdout and "rejected by each check alone" in proc.stdout
+    page = (report / "report.html").read_text()
+    assert "<h2>Each check alone</h2>" in page and "<h2>Novel defects</h2>" in page and "<td>crack</td>" in page

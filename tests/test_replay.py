@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 
 from station.publish import Subscriber
 from tests.conftest import free_endpoint, run_station, station_cmd
@@ -126,3 +128,31 @@ def test_replay_rate_paces_frames(bundle: Path, eval_root: Path, tmp_path: Path)
     t = [datetime.fromisoformat(m["captured_at"].replace("Z", "+00:00")).timestamp() for m in msgs]
     # 3 frames at 5 fps: the last is captured about 0.4 s after the first, never sooner.
     assert t[-1] - t[0] >= 0.35
+
+
+def test_replay_counts_novel_defects_as_defects_outside_the_4_class_accuracy(bundle: Path, eval_root: Path,
+                                                                            tmp_path: Path) -> None:
+    folder = tmp_path / "replay"
+    shutil.copytree(eval_root, folder)
+    (folder / "novel").mkdir()
+    for n, source in enumerate(sorted((folder / "broken_large").iterdir())[:2]):
+        shutil.copy(source, folder / "novel" / f"{n:03d}_crack.png")
+    out = tmp_path / "verdicts.jsonl"
+    proc = run_station("replay", "--model", str(bundle), "--source", str(folder), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [v["truth"] for v in verdicts if v["frame_id"].startswith("novel/")] == ["novel", "novel"]
+
+    lab = json.loads(out.with_suffix(".metrics.json").read_text())["labelled"]
+    assert lab["n"] == 12 and sum(map(sum, lab["confusion_matrix"]["rows_true_cols_predicted"])) == 12
+    defects = [v for v in verdicts if v["truth"] != "good"]
+    assert len(defects) == 11
+    assert lab["defects_rejected"] == pytest.approx(sum(v["verdict"] == "fail" for v in defects) / 11)
+    # Each check's share is what the published reasons say.
+    every = lab["reject_by_check"]["rejected"]["all_defects"]
+    assert every["anomaly"] == pytest.approx(sum("anomaly" in v["reasons"] for v in defects) / 11)
+    assert every["classifier"] == pytest.approx(sum("defect_class" in v["reasons"] for v in defects) / 11)
+    novel = [v for v in verdicts if v["truth"] == "novel"]
+    assert lab["novel"]["images"] == 2 and lab["novel"]["per_kind"]["crack"]["images"] == 2
+    assert lab["novel"]["anomaly"] == sum("anomaly" in v["reasons"] for v in novel) / 2
+    assert "(novel defects excluded: 2)" in proc.stdout and "novel defects: 2 images" in proc.stdout

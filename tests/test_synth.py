@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
-from station.mvtec import BOTTLE_CLASSES
-from station.synth import render_bottle, write_dataset
+from station.mvtec import (
+    BOTTLE_CLASSES,
+    NOVEL,
+    NOVEL_KINDS,
+    is_labelled_folder,
+    label_of,
+    labelled_pool,
+    novel_kind,
+)
+from station.synth import NOVEL_MASK_LEVELS, _draw_scene, render_bottle, render_novel, write_dataset
+from tests.conftest import run_station
 
 
 def test_deterministic_per_seed() -> None:
@@ -53,3 +64,126 @@ def test_write_dataset_mvtec_layout(tmp_path: Path) -> None:
     again = tmp_path / "again"
     write_dataset(again, seed=3, train_good=5, test_per_class=1)
     assert (again / "bottle/train/good/001.png").read_bytes() == (root / "train/good/001.png").read_bytes()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", NOVEL_KINDS)
+def test_novel_mask_is_exactly_the_changed_pixels_on_the_rim(kind: str) -> None:
+    for seed in (11, 12):
+        # The same generator without the defect draws the same bottle: render_novel draws the scene first.
+        good, _ = render_bottle(np.random.default_rng(seed), None)
+        bad, mask = render_novel(np.random.default_rng(seed), kind)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
+        diff = np.abs(good.astype(int) - bad.astype(int)).max(axis=2)
+        assert np.array_equal(mask > 0, diff > NOVEL_MASK_LEVELS), kind
+        # Below the mask's threshold only a faint fringe differs (blur, a soft edge), right beside the defect.
+        near = cv2.dilate(mask, np.ones((25, 25), np.uint8)) > 0
+        assert not (diff[~near] > 0).any(), kind
+        # Small, as the defects the anomaly check must not miss are: tens to ~2000 pixels, ≤ 200 px long.
+        area = int((mask > 0).sum())
+        ys, xs = np.nonzero(mask)
+        assert 20 <= area <= 2500, (kind, area)
+        assert max(np.ptp(xs), np.ptp(ys)) <= 200, kind
+        # On the glass of the rim (where the trained defects are), not in the opening or the background.
+        scene = _draw_scene(np.random.default_rng(seed), 900)
+        u = np.hypot(xs - scene.cx, ys - scene.cy) / scene.radius
+        assert u.min() > 0.66 and u.max() < 1.01, (kind, u.min(), u.max())
+
+
+def test_render_novel_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="novel defect"):
+        render_novel(np.random.default_rng(0), "dent")
+
+
+def test_write_dataset_novel_images_masks_and_kinds(tmp_path: Path) -> None:
+    summary = write_dataset(tmp_path / "a", seed=3, train_good=1, test_per_class=1, novel=6)
+    root = summary.root
+    names = sorted(p.name for p in (root / "test" / "novel").iterdir())
+    assert names == ["000_crack.png", "001_stain.png", "002_scratch.png", "003_bubble.png", "004_tint.png",
+                     "005_crack.png"]
+    assert [novel_kind(Path(n)) for n in names[:5]] == list(NOVEL_KINDS)
+    masks = sorted(p.name for p in (root / "ground_truth" / "novel").iterdir())
+    assert masks == [n.replace(".png", "_mask.png") for n in names]
+    assert novel_kind(root / "ground_truth" / "novel" / masks[1]) == "stain"
+    assert summary.counts["test/novel"] == 6
+    # Each written mask is where the written image differs from its bottle rendered without the defect.
+    for i, name in enumerate(names):
+        kind = NOVEL_KINDS[i % len(NOVEL_KINDS)]
+        good, _ = render_bottle(np.random.default_rng([3, 2, NOVEL_KINDS.index(kind), i]), None)
+        image = cv2.imread(str(root / "test" / "novel" / name))
+        mask = cv2.imread(str(root / "ground_truth" / "novel" / masks[i]), cv2.IMREAD_GRAYSCALE)
+        diff = np.abs(good.astype(int) - image.astype(int)).max(axis=2)
+        assert np.array_equal(mask > 0, diff > NOVEL_MASK_LEVELS), name
+
+    # The novel images draw from their own stream: the other files are the same bytes whether novel
+    # images are asked for or not, and the same seed gives the same novel images (fewer: a prefix).
+    tree = _tree(root)
+    plain = _tree(write_dataset(tmp_path / "c", seed=3, train_good=1, test_per_class=1).root)
+    assert len(plain) == 1 + 4 + 3 and not any(NOVEL in k for k in plain)
+    assert plain == {k: v for k, v in tree.items() if NOVEL not in k}
+    fewer = _tree(write_dataset(tmp_path / "d", seed=3, train_good=0, test_per_class=0, novel=2).root)
+    assert len(fewer) == 4
+    assert fewer == {k: v for k, v in tree.items() if k.split("/")[-1][:3] in ("000", "001") and NOVEL in k}
+    other = _tree(write_dataset(tmp_path / "e", seed=4, train_good=0, test_per_class=0, novel=1).root)
+    assert other.keys() <= fewer.keys() and all(other[k] != fewer[k] for k in other)
+
+    with pytest.raises(ValueError, match="novel=-1"):
+        write_dataset(tmp_path / "f", novel=-1)
+
+
+def test_novel_kind_from_file_name() -> None:
+    assert novel_kind(Path("test/novel/012_bubble.png")) == "bubble"
+    assert novel_kind(Path("ground_truth/novel/012_bubble_mask.png")) == "bubble"
+    assert novel_kind(Path("test/good/012.png")) is None
+    assert novel_kind(Path("test/novel/012_dent.png")) is None
+
+
+def test_novel_folder_is_no_class(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path, seed=3, train_good=1, test_per_class=1, novel=2).root
+    pool = labelled_pool(root)
+    assert len(pool) == 1 + len(BOTTLE_CLASSES) and all(NOVEL not in p.path.parts for p in pool)
+    # A synthesised test/ folder stays a labelled replay folder; its novel images are labelled "novel",
+    # which no class is (replay and evaluate keep them out of the 4-class figures).
+    test = root / "test"
+    assert is_labelled_folder(test, BOTTLE_CLASSES)
+    assert label_of(test / NOVEL / "000_crack.png", test, BOTTLE_CLASSES) == NOVEL
+    assert label_of(test / "good" / "000.png", test, BOTTLE_CLASSES) == "good"
+    # novel/ alone is no labelled folder (nothing a class could be scored on), nor beside a non-class folder.
+    only_novel = tmp_path / "only_novel"
+    (only_novel / "novel").mkdir(parents=True)
+    assert not is_labelled_folder(only_novel, BOTTLE_CLASSES)
+    (only_novel / "misc").mkdir()
+    (only_novel / "good").mkdir()
+    assert not is_labelled_folder(only_novel, BOTTLE_CLASSES)
+
+
+def test_synth_novel_then_train_and_replay(tmp_path: Path) -> None:
+    """`station synth --novel`, then `station train` and `station replay` on that data, as a user would."""
+    proc = run_station("synth", "--out", str(tmp_path / "data"), "--seed", "5", "--train-good", "6",
+                       "--test-per-class", "2", "--novel", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "test/novel 5" in proc.stdout
+    data = tmp_path / "data" / "bottle"
+    model = tmp_path / "model"
+    # Training only has to run to the end with test/novel present: the smallest settings do.
+    proc = run_station("train", "--data", str(data), "--out", str(model), "--epochs", "1", "--ae-steps", "4",
+                       "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    split = json.loads((model / "split.json").read_text())
+    used = [row["path"] for part in ("train", "holdout") for row in split[part]]
+    assert any(p.startswith("test/good/") for p in used)
+    assert not any(p.startswith(f"test/{NOVEL}/") for p in used)
+
+    out = tmp_path / "verdicts.jsonl"
+    proc = run_station("replay", "--model", str(model), "--source", str(data / "test"), "--out", str(out),
+                       "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(verdicts) == 4 * 2 + 5
+    novel = [v for v in verdicts if v["frame_id"].startswith(f"{NOVEL}/")]
+    assert len(novel) == 5 and all(v["truth"] == NOVEL and v["error"] is None for v in novel)
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["labelled"]["n"] == 4 * 2  # the 4-class figures leave novel defects out
