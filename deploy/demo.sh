@@ -13,9 +13,9 @@ python3 -m venv .venv
 S=.venv/bin/station
 mkdir -p "$WORK"
 
-echo "== 1/4 synthetic bottles: training set (seed 1) and an independent evaluation set (seed 2)"
+echo "== 1/4 synthetic bottles: training set (seed 1) and an independent evaluation set (seed 2, with defects of no trained class)"
 $S synth --out "$WORK/data" --seed 1 --train-good 60 --test-per-class 20
-$S synth --out "$WORK/eval" --seed 2 --train-good 0 --test-per-class 30
+$S synth --out "$WORK/eval" --seed 2 --train-good 0 --test-per-class 30 --novel 30
 
 echo "== 2/4 training classifier + autoencoder on the CPU ($EPOCHS epochs), exporting ONNX, calibrating"
 start=$SECONDS

@@ -72,7 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
     t.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
     t.add_argument("--epochs", type=_positive_int, default=60, help="classifier epochs")
-    t.add_argument("--ae-steps", type=_positive_int, default=1000, help="autoencoder training steps (batches of 8)")
+    t.add_argument("--ae-steps", type=_positive_int, default=1000,
+                   help="anomaly model training steps (batches of 8)")
+    t.add_argument("--anomaly-model", default="autoencoder", choices=["autoencoder", "draem"],
+                   help="autoencoder: the reconstruction autoencoder (default); draem: restore bottles from "
+                        "simulated anomalies and segment them with a head (experimental, docs/models.md)")
+    t.add_argument("--cross-fit-folds", type=_positive_int, default=2,
+                   help="score every good training image for the threshold with a model trained without it, "
+                        "over this many folds (0 or 1: hold 20 %% of them out instead)")
+    t.add_argument("--device", default="auto",
+                   help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N; the bundle is the same")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--target-false-reject", type=_positive_float, default=0.01,
@@ -253,7 +262,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from station.training.train import TrainOptions, train_bundle
+        from station.training.train import TrainOptions, pick_device, train_bundle
     except ImportError as exc:
         raise MissingDependencyError(
             f"`station train` needs the train extra (torch, torchvision, onnx): "
@@ -265,6 +274,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, batch_size=args.batch_size, target_false_reject=args.target_false_reject,
         name=args.name or args.out.name, threads=args.threads, backbone=args.backbone,
         pretrained=args.pretrained, lr=args.lr, optimizer=args.optimizer, balance=args.balance,
+        anomaly_model=args.anomaly_model, cross_fit_folds=args.cross_fit_folds, device=pick_device(args.device),
     )
     if args.sweep:
         from station.training.sweep import run_sweep

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,26 @@ def _fill(folder: Path, eval_root: Path, n: int) -> None:
         shutil.copy(images[i % len(images)], folder / f"{i:03d}.png")
 
 
+def _run_for_verdicts(config: Path, endpoint: str, n: int, once_subscribed: Callable[[], None] | None = None
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any], int | None]:
+    """`station run` until ``n`` verdicts came, then SIGTERM: (verdicts, the stopped heartbeat, exit code)."""
+    proc = subprocess.Popen(station_cmd("run", "--config", str(config)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    sub = Subscriber(endpoint, station="cam1")
+    try:
+        if once_subscribed is not None:
+            _wait_subscribed(sub)
+            once_subscribed()
+        verdicts = _verdicts(sub, n, timeout_s=180)
+        proc.send_signal(signal.SIGTERM)
+        stopped = _stopped(sub)
+        proc.wait(timeout=30)
+    finally:
+        sub.close()
+        proc.kill()
+    return verdicts, stopped, proc.returncode
+
+
 def test_overload_skip_mode_skips_visibly_and_accounts_for_every_frame(bundle: Path, eval_root: Path,
                                                                        tmp_path: Path) -> None:
     endpoint = free_endpoint()
@@ -184,17 +205,7 @@ def test_overload_skip_mode_skips_visibly_and_accounts_for_every_frame(bundle: P
     config = _config(tmp_path, bundle, endpoint, inference={"queue_size": 1},
                      source={"path": "incoming", "poll_interval_s": 0.05, "on_overload": "skip"},
                      publish={"endpoint": endpoint, "heartbeat_interval_s": 0.2, "wait_subscribers": 1})
-    proc = subprocess.Popen(station_cmd("run", "--config", str(config)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    sub = Subscriber(endpoint, station="cam1")
-    try:
-        verdicts = _verdicts(sub, n, timeout_s=120)
-        proc.send_signal(signal.SIGTERM)
-        stopped = _stopped(sub)
-        proc.wait(timeout=30)
-    finally:
-        sub.close()
-        proc.kill()
+    verdicts, stopped, _ = _run_for_verdicts(config, endpoint, n)
     skipped = [v for v in verdicts if v["verdict"] == "skipped"]
     assert skipped, "decoding outpaces inspection with a queue of 1: some frames must be skipped"
     assert all(v["reasons"] == ["overload"] and v["class"] is None for v in skipped)
@@ -210,23 +221,15 @@ def test_a_burst_into_a_watched_folder_is_inspected_file_by_file_by_default(bund
     endpoint = free_endpoint()
     n = 200
     config = _config(tmp_path, bundle, endpoint, inference={"queue_size": 1})
-    proc = subprocess.Popen(station_cmd("run", "--config", str(config)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    sub = Subscriber(endpoint, station="cam1")
-    try:
-        _wait_subscribed(sub)
+
+    def burst() -> None:
         staging = tmp_path / "staging"
         _fill(staging, eval_root, n)
         for path in sorted(staging.iterdir()):  # a rename is atomic: the burst lands at once
             path.rename(tmp_path / "incoming" / path.name)
-        verdicts = _verdicts(sub, n, timeout_s=180)
-        proc.send_signal(signal.SIGTERM)
-        stopped = _stopped(sub)
-        proc.wait(timeout=30)
-    finally:
-        sub.close()
-        proc.kill()
-    assert proc.returncode == 0
+
+    verdicts, stopped, rc = _run_for_verdicts(config, endpoint, n, once_subscribed=burst)
+    assert rc == 0
     assert [v["verdict"] for v in verdicts if v["verdict"] not in ("pass", "fail")] == []
     assert all(v["class"] is not None for v in verdicts), "every file is inspected, not only accounted for"
     assert sorted(v["frame_id"] for v in verdicts) == [f"{i:03d}.png" for i in range(n)]

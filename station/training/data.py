@@ -38,8 +38,13 @@ class Split:
         return [i for i in self.train if i.label == GOOD and i.path not in cal]
 
 
-def stratified_split(pool: list[LabelledImage], classes: tuple[str, ...], seed: int) -> Split:
-    """80/20 per class (as in the reference study), deterministic under ``seed``."""
+def stratified_split(pool: list[LabelledImage], classes: tuple[str, ...], seed: int,
+                     keep_calibration: bool = True) -> Split:
+    """80/20 per class (as in the reference study), deterministic under ``seed``.
+
+    ``keep_calibration``: keep 20 % of the training split's good images from the anomaly model for its
+    threshold; without (cross-fitting scores them out of sample instead), they all train it.
+    """
     rng = np.random.default_rng(seed)
     train: list[LabelledImage] = []
     holdout: list[LabelledImage] = []
@@ -53,7 +58,7 @@ def stratified_split(pool: list[LabelledImage], classes: tuple[str, ...], seed: 
     goods = [i for i in train if i.label == GOOD]
     order = rng.permutation(len(goods))
     n_cal = max(2, round(len(goods) * HOLDOUT_FRACTION))
-    calibration = [goods[k] for k in order[:n_cal]]
+    calibration = [goods[k] for k in order[:n_cal]] if keep_calibration else []
     validation: list[LabelledImage] = []
     for cls in classes:
         items = [i for i in train if i.label == cls]

@@ -183,3 +183,81 @@ def error_column_stats(net: ConvAutoencoder, x: torch.Tensor, batch: int = 16) -
     mean = maps.mean(dim=(0, 1, 2))
     std = maps.std(dim=(0, 1, 2)) + 1e-3
     return mean, std
+
+
+DRAEM_ARCH = "draem_polar_ae3_unet"
+
+
+class SegmentationHead(nn.Module):
+    """Where a bottle and its restoration differ: a small U-Net on (standardised input, restoration,
+    their absolute difference).
+
+    DRAEM's discriminative sub-network, cut to what a CPU serves beside the
+    autoencoder: two stride-2 levels, 1×1 convolutions on the way up (the skip
+    connections carry the detail a 3–5 px defect needs). Rows wrap around like
+    the autoencoder's, so angle 0 is no seam. The difference channel is what
+    the plain autoencoder scored; handing it over lets the head start from it
+    and learn which differences are defects and which are glass. Outputs logits.
+    """
+
+    WRAP = 8  # rows; a multiple of the head's total stride (4)
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        c = width
+        self.enc1 = nn.Sequential(nn.Conv2d(7, c, 3, 1, 1), _act())
+        self.enc2 = nn.Sequential(nn.Conv2d(c, 2 * c, 4, 2, 1), _act(), nn.Conv2d(2 * c, 2 * c, 3, 1, 1), _act())
+        self.enc3 = nn.Sequential(nn.Conv2d(2 * c, 4 * c, 4, 2, 1), _act(),
+                                  nn.Conv2d(4 * c, 4 * c, 3, 1, 1), _act())
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(4 * c, 2 * c, 4, 2, 1), _act())
+        self.dec2 = nn.Sequential(nn.Conv2d(4 * c, 2 * c, 1), _act())
+        self.up1 = nn.Sequential(nn.ConvTranspose2d(2 * c, c, 4, 2, 1), _act())
+        self.dec1 = nn.Sequential(nn.Conv2d(2 * c, c, 1), _act(), nn.Conv2d(c, 1, 1))
+        # Start by calling every bin good (p ≈ 0.01): anomalies are a fraction of a percent of a bottle,
+        # and a head starting at p = 0.5 spends its first hundreds of steps unlearning that.
+        last = self.dec1[-1]
+        assert isinstance(last, nn.Conv2d) and last.bias is not None
+        nn.init.constant_(last.bias, -4.6)
+
+    def forward(self, z: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        w = self.WRAP
+        x = torch.cat([z, restored, (z - restored).abs().mean(dim=1, keepdim=True)], dim=1)
+        x = torch.cat([x[:, :, -w:], x, x[:, :, :w]], dim=2)
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([self.up2(e3), e2], dim=1))
+        out: torch.Tensor = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return out[:, :, w:-w]
+
+
+class DraemModel(nn.Module):
+    """The reconstruction autoencoder and its segmentation head, trained together on simulated anomalies."""
+
+    def __init__(self, head_width: int = 16) -> None:
+        super().__init__()
+        self.autoencoder = ConvAutoencoder()
+        self.head = SegmentationHead(head_width)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(standardised input, restoration, head logits) for raw polar views ``x``."""
+        z = self.autoencoder.standardise(x)
+        restored = self.autoencoder(z)
+        return z, restored, self.head(z, restored)
+
+
+#: the head's probability × this is the exported map, so the map reads on the scale of the
+#: reconstruction-error maps before it (the classifier's evidence channel and the overlays expect it)
+DRAEM_MAP_SCALE = 10.0
+
+
+class DraemExport(nn.Module):
+    """Exported anomaly model: the map is the head's probability that a bin is anomalous, × DRAEM_MAP_SCALE."""
+
+    def __init__(self, model: DraemModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, logits = self.model(x)
+        return torch.sigmoid(logits) * DRAEM_MAP_SCALE

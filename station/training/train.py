@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from station.anomaly import AnomalyParams, image_score, smooth
 from station.bundle import (
     AnomalyManifest,
     DecisionManifest,
@@ -35,17 +36,22 @@ from station.bundle import (
 from station.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
 from station.errors import DatasetError
 from station.frame import Frame
-from station.mvtec import BOTTLE_CLASSES, LabelledImage
+from station.mvtec import BOTTLE_CLASSES, GOOD, LabelledImage
 from station.pipeline import Pipeline
 from station.replay import ReplayCollector
 from station.sources.folder import load_frame
+from station.training.anomalies import simulate
+from station.training.crossfit import CrossFit, cross_fit
 from station.training.data import Split, discover, fingerprint, stratified_split, tensors
 from station.training.export import INPUT_NAME, check_parity, export_onnx
 from station.training.nets import (
     AUTOENCODER_ARCH,
+    DRAEM_ARCH,
     AutoencoderExport,
     ClassifierExport,
     ConvAutoencoder,
+    DraemExport,
+    DraemModel,
     error_column_stats,
     evidence,
     make_classifier,
@@ -68,6 +74,14 @@ MASK_RADIUS = 1.03
 CLASSIFIER_ROTATIONS = 2
 BALANCE_MODES = ("weighted", "sampler", "logit-adjust", "none")
 AE_POOL = 2
+ANOMALY_MODELS = ("draem", "autoencoder")
+#: good training images split into this many folds; each image's threshold score comes from the
+#: model of its fold, trained on the others
+CROSS_FIT_FOLDS = 2
+#: a fold model trains this fraction of the served model's steps
+CROSS_FIT_STEPS = 0.5
+#: train warns when the lowest held-out defect scores under this many times the threshold
+MARGIN_WARN = 1.2
 
 
 @dataclass
@@ -90,6 +104,25 @@ class TrainOptions:
     #: batches), "logit-adjust" (Menon et al. 2021: log class priors added to the logits
     #: during training), "none"
     balance: str = "logit-adjust"
+    #: "autoencoder": the reconstruction autoencoder (the default: measured better so far, docs/models.md);
+    #: "draem": the autoencoder restores bottles from simulated anomalies and a head segments them
+    anomaly_model: str = "autoencoder"
+    #: folds for the threshold's out-of-sample good scores; below 2, a held-out calibration split
+    cross_fit_folds: int = CROSS_FIT_FOLDS
+    #: torch device the networks train on ("cpu", "cuda", "cuda:1"); resolve "auto" with pick_device
+    device: str = "cpu"
+
+
+def pick_device(wanted: str) -> str:
+    """``auto``: CUDA where torch sees a GPU, else the CPU; ``cuda`` without one is an error naming why."""
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise DatasetError(f"--device {wanted}: torch {torch.__version__} sees no CUDA GPU "
+                           f"(built with CUDA {torch.version.cuda or 'none'})")
+    if wanted != "cpu" and not wanted.startswith("cuda"):
+        raise DatasetError(f"--device {wanted!r}: choose auto, cpu or cuda")
+    return wanted
 
 
 def _say(msg: str) -> None:
@@ -131,9 +164,10 @@ def _reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) ->
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
+            model(x[i : i + batch_size].to(device))
     model.eval()
 
 
@@ -167,12 +201,13 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
         raise DatasetError(f"unknown balance mode {opts.balance!r}; choose {', '.join(BALANCE_MODES)}")
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
-    model = make_classifier(opts.backbone, n_classes, pretrained=opts.pretrained)
+    device = torch.device(opts.device)
+    model = make_classifier(opts.backbone, n_classes, pretrained=opts.pretrained).to(device)
     counts = torch.bincount(y, minlength=n_classes).float().clamp(min=1)
     prior = counts / counts.sum()
     weights = counts.sum() / (n_classes * counts) if opts.balance == "weighted" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    logit_bias = torch.log(prior) if opts.balance == "logit-adjust" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    logit_bias = torch.log(prior).to(device) if opts.balance == "logit-adjust" else None
     # Class-balanced sampling draws each image with probability ∝ 1 / its class's count.
     sample_p = (1.0 / counts)[y] if opts.balance == "sampler" else None
     opt = _optimizer(opts.optimizer, model.parameters(), opts.lr)
@@ -195,21 +230,22 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
             idx = perm[i : i + opts.batch_size]
             if len(idx) < 2:  # batch norm cannot train on a batch of one
                 continue
-            logits = model(_augment(x[idx], gen, photometric=True))
+            target = y[idx].to(device)
+            logits = model(_augment(x[idx], gen, photometric=True).to(device))
             train_logits = logits + logit_bias if logit_bias is not None else logits
-            loss = loss_fn(train_logits, y[idx])
+            loss = loss_fn(train_logits, target)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total_loss += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
+            correct += int((logits.argmax(1) == target).sum())
             seen += len(idx)
         msg = (f"classifier epoch {epoch + 1}/{opts.epochs}: loss {total_loss / max(seen, 1):.4f}, "
                f"train accuracy {correct / max(seen, 1):.3f}")
         if x_val is not None and y_val is not None and len(x_val):
             _reestimate_batchnorm(model, x, opts.batch_size)
-            val_loss, val_acc = _evaluate(model, x_val, y_val)
+            val_loss, val_acc = _evaluate(model, x_val.to(device), y_val.to(device))
             msg += f", validation accuracy {val_acc:.3f} loss {val_loss:.4f}"
             if best is None or (val_acc, -val_loss) > best:
                 best = (val_acc, -val_loss)
@@ -223,34 +259,100 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
     else:
         _reestimate_batchnorm(model, x, opts.batch_size)
     model.eval()
-    return model, history
+    return model.cpu(), history
 
 
-def train_autoencoder(x: torch.Tensor, opts: TrainOptions) -> ConvAutoencoder:
+def train_autoencoder(x: torch.Tensor, opts: TrainOptions, steps: int | None = None, seed_offset: int = 0,
+                      label: str = "autoencoder") -> ConvAutoencoder:
     """Train on good images for a fixed number of steps (a few dozen images make epochs meaningless)."""
-    torch.manual_seed(opts.seed + 1)
-    gen = torch.Generator().manual_seed(opts.seed + 1)
-    model = ConvAutoencoder()
+    steps = opts.ae_steps if steps is None else steps
+    device = torch.device(opts.device)
+    torch.manual_seed(opts.seed + 1 + seed_offset)
+    gen = torch.Generator().manual_seed(opts.seed + 1 + seed_offset)
+    model = ConvAutoencoder().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=opts.ae_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=opts.ae_steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     batch = min(8, len(x))
     t0 = time.monotonic()
     model.train()
     running = 0.0
-    report_every = max(1, opts.ae_steps // 10)
-    for step in range(1, opts.ae_steps + 1):
+    report_every = max(1, steps // 10)
+    for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        z = model.standardise(_augment(x[idx], gen, photometric=False))
+        z = model.standardise(_augment(x[idx], gen, photometric=False).to(device))
         loss = (model(z) - z).abs().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         running += loss.item()
-        if step % report_every == 0 or step == opts.ae_steps:
+        if step % report_every == 0 or step == steps:
             n = report_every if step % report_every == 0 else step % report_every
-            _say(f"autoencoder step {step}/{opts.ae_steps}: L1 {running / n:.4f} ({time.monotonic() - t0:.1f} s)")
+            _say(f"{label} step {step}/{steps}: L1 {running / n:.4f} ({time.monotonic() - t0:.1f} s)")
             running = 0.0
+    model.eval()
+    return model
+
+
+def _focal_dice(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (Lin et al. 2017, as DRAEM trains its head) plus a soft Dice term.
+
+    Anomalous bins are a fraction of a percent of a bottle: plain cross-entropy
+    is content to call everything good. Focal loss down-weights the easy good
+    bins; Dice scores the overlap of the few anomalous ones.
+    """
+    p = torch.sigmoid(logits)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    focal = ((1 - p_t) ** gamma * bce).mean()
+    inter = (p * target).sum(dim=(1, 2, 3))
+    denom = (p + target).sum(dim=(1, 2, 3))
+    has = target.sum(dim=(1, 2, 3)) > 0
+    dice = 1 - (2 * inter + 1) / (denom + 1)
+    dice_loss = dice[has].mean() if bool(has.any()) else logits.sum() * 0
+    return focal * 10 + dice_loss
+
+
+def train_anomaly_model(x: torch.Tensor, opts: TrainOptions, steps: int | None = None, seed_offset: int = 0,
+                        label: str = "anomaly model") -> DraemModel:
+    """DRAEM on good images ``x`` (raw polar views): restore the bottle from an input with simulated
+    anomalies pasted in (station/training/anomalies.py), and find where they were."""
+    steps = opts.ae_steps if steps is None else steps
+    torch.manual_seed(opts.seed + 1 + seed_offset)
+    gen = torch.Generator().manual_seed(opts.seed + 1 + seed_offset)
+    device = torch.device(opts.device)
+    model = DraemModel().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=opts.ae_lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    batch = min(8, len(x))
+    rim_col = round(x.shape[3] / RADIUS_MARGIN)
+    pool = nn.MaxPool2d(AE_POOL)
+    t0 = time.monotonic()
+    model.train()
+    running = [0.0, 0.0]
+    report_every = max(1, steps // 10)
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        # Half the bottle's turn per image: a turned bottle is a circular shift of rows, so after the
+        # random turn the first half is a random half; it halves the cost of a step.
+        clean = _augment(x[idx], gen, photometric=False)[:, :, : x.shape[2] // 2]
+        anomalous, mask = simulate(clean, gen, rim_col)
+        target_z = model.autoencoder.standardise(clean.to(device))
+        _, restored, logits = model(anomalous.to(device))
+        rec_loss = (restored - target_z).abs().mean()
+        seg_loss = _focal_dice(logits, pool(mask.to(device)))
+        loss = rec_loss + seg_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running[0] += rec_loss.item()
+        running[1] += seg_loss.item()
+        if step % report_every == 0 or step == steps:
+            n = report_every if step % report_every == 0 else step % report_every
+            _say(f"{label} step {step}/{steps}: restore L1 {running[0] / n:.4f}, segment {running[1] / n:.4f} "
+                 f"({time.monotonic() - t0:.1f} s)")
+            running = [0.0, 0.0]
     model.eval()
     return model
 
@@ -287,8 +389,10 @@ class Prepared:
     n_train: int  # the first n_train rows train the classifier, the rest validate it
     maps: torch.Tensor  # anomaly maps of x_rgb's images
     x_cls: torch.Tensor  # x_rgb with the anomaly map as 4th channel
-    ae_export: AutoencoderExport
+    ae_export: nn.Module
     ae_seconds: float
+    #: out-of-sample scores of the anomaly model's good training images (None: a calibration split instead)
+    crossfit: CrossFit[nn.Module] | None = None
 
     def holdout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier inputs (with evidence) and labels of the held-out split."""
@@ -299,13 +403,42 @@ class Prepared:
         return torch.cat([x_rgb, evidence(maps, AE_POOL)], dim=1), y
 
 
+def _anomaly_params() -> AnomalyParams:
+    return AnomalyParams(SMOOTHING_SIGMA, TOP_K_FRACTION, MASK_RADIUS, RADIUS_MARGIN)
+
+
+def anomaly_maps(export: nn.Module, x: torch.Tensor, device: torch.device, batch: int = 16) -> torch.Tensor:
+    """The exported model's maps for raw polar views ``x``, on the CPU."""
+    with torch.no_grad():
+        return torch.cat([export(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
+
+
+def map_scores(maps: torch.Tensor) -> list[float]:
+    """Image scores of maps, by the serving code's own smoothing and top-k (station/anomaly.py)."""
+    params = _anomaly_params()
+    return [image_score(smooth(m[0].numpy(), params), params) for m in maps]
+
+
+def _train_anomaly_export(x: torch.Tensor, opts: TrainOptions, steps: int, seed_offset: int, label: str
+                          ) -> nn.Module:
+    device = torch.device(opts.device)
+    if opts.anomaly_model == "autoencoder":
+        autoencoder = train_autoencoder(x, opts, steps, seed_offset, label)
+        col_mean, col_std = error_column_stats(autoencoder, x.to(device))
+        return AutoencoderExport(autoencoder, col_mean, col_std).eval()
+    return DraemExport(train_anomaly_model(x, opts, steps, seed_offset, label)).eval()
+
+
 def prepare(opts: TrainOptions) -> Prepared:
     torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if opts.anomaly_model not in ANOMALY_MODELS:
+        raise DatasetError(f"unknown anomaly model {opts.anomaly_model!r}; choose {', '.join(ANOMALY_MODELS)}")
+    device = torch.device(opts.device)
     classes = BOTTLE_CLASSES
     root = opts.data
     pool = discover(root, classes)
-    split = stratified_split(pool, classes, opts.seed)
+    split = stratified_split(pool, classes, opts.seed, keep_calibration=opts.cross_fit_folds < 2)
     view = ViewManifest(angle_bins=ANGLE_BINS, radius_bins=RADIUS_BINS, radius_margin=RADIUS_MARGIN,
                         interpolation="area-block")
     inputs = {
@@ -315,23 +448,44 @@ def prepare(opts: TrainOptions) -> Prepared:
     spec = preprocess_spec(CANONICAL_SIZE, view, inputs)
     _say(f"data {root}: {len(pool)} labelled images; train {len(split.train)} (classifier "
          f"{len(split.classifier_train)}, validation {len(split.validation)}), holdout {len(split.holdout)}; "
-         f"autoencoder {len(split.autoencoder_train)} good, calibration {len(split.calibration)} good")
+         f"anomaly model {len(split.autoencoder_train)} good"
+         + (f", cross-fitted over {opts.cross_fit_folds} folds" if opts.cross_fit_folds >= 2
+            else f", calibration {len(split.calibration)} good") + f"; device {device}")
     cls_items = split.classifier_train
     x_rgb, x_ae_all, y = tensors(cls_items + split.validation, spec, classes)
     paths = [i.path for i in cls_items + split.validation]
-    x_ae = x_ae_all[torch.tensor([paths.index(i.path) for i in split.autoencoder_train])]
+    good_rows = [paths.index(i.path) for i in split.autoencoder_train]
+    x_ae = x_ae_all[torch.tensor(good_rows)]
 
-    # The autoencoder first: its anomaly map is evidence the classifier sees.
+    # The anomaly model first: its anomaly map is evidence the classifier sees.
     t0 = time.monotonic()
-    autoencoder = train_autoencoder(x_ae, opts)
-    col_mean, col_std = error_column_stats(autoencoder, x_ae)
-    ae_export = AutoencoderExport(autoencoder, col_mean, col_std).eval()
+    crossfit: CrossFit[nn.Module] | None = None
+    oof_maps: dict[int, torch.Tensor] = {}
+    if opts.cross_fit_folds >= 2:
+        fold_steps = max(1, round(opts.ae_steps * CROSS_FIT_STEPS))
+
+        def fold_model(rows: list[int], fold: int) -> nn.Module:
+            return _train_anomaly_export(x_ae[torch.tensor(rows)], opts, fold_steps, 100 + fold,
+                                         f"anomaly model, fold {fold + 1}/{opts.cross_fit_folds}")
+
+        def fold_scores(model: nn.Module, rows: list[int]) -> list[float]:
+            maps = anomaly_maps(model, x_ae[torch.tensor(rows)], device)
+            oof_maps.update({good_rows[r]: m for r, m in zip(rows, maps, strict=True)})
+            return map_scores(maps)
+
+        crossfit = cross_fit(len(x_ae), opts.cross_fit_folds, opts.seed, fold_model, fold_scores)
+    ae_export = _train_anomaly_export(x_ae, opts, opts.ae_steps, 0, "anomaly model").cpu()
     ae_seconds = time.monotonic() - t0
-    with torch.no_grad():
-        maps = torch.cat([ae_export(x_ae_all[i : i + 16]) for i in range(0, len(x_ae_all), 16)])
+    maps = anomaly_maps(ae_export, x_ae_all, torch.device("cpu"))
+    # The classifier learns what a good bottle's map looks like from maps the anomaly model did not
+    # train on, as it will see them in service: with maps of its own training images, every good
+    # bottle's map is cleaner than any the line will show, and the classifier learns that any trace
+    # of a map means a defect.
+    for row, m in oof_maps.items():
+        maps[row] = m
     x_cls = torch.cat([x_rgb, evidence(maps, AE_POOL)], dim=1)
     return Prepared(root, pool, split, view, inputs, x_rgb, x_ae, y, len(cls_items), maps, x_cls, ae_export,
-                    ae_seconds)
+                    ae_seconds, crossfit)
 
 
 def train_bundle(opts: TrainOptions) -> Manifest:
@@ -376,8 +530,9 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         models={
             "classifier": ModelFile(file="classifier.onnx", arch=opts.backbone, inputs=cls_inputs,
                                     output="probabilities", rotations=CLASSIFIER_ROTATIONS),
-            "autoencoder": ModelFile(file="autoencoder.onnx", arch=AUTOENCODER_ARCH, inputs=(INPUT_NAME,),
-                                     output="anomaly_map"),
+            "autoencoder": ModelFile(file="autoencoder.onnx",
+                                     arch=DRAEM_ARCH if opts.anomaly_model == "draem" else AUTOENCODER_ARCH,
+                                     inputs=(INPUT_NAME,), output="anomaly_map"),
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
                                 mask_radius=MASK_RADIUS, threshold=float("inf"), threshold_method="uncalibrated"),
@@ -386,20 +541,39 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     )
     write_manifest(tmp, manifest)
 
-    # Calibrate with the serving code itself, on good images neither model trained on.
-    pipeline = Pipeline(load_bundle(tmp))
-    cal_scores = anomaly_scores(pipeline, _frames(split.calibration, root))
-    threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
-    write_scores(tmp, cal_scores, threshold, method, [i.path.relative_to(root).as_posix() for i in split.calibration])
+    if p.crossfit is not None:
+        # Each good training image scored by the fold model that never trained on it, with the serving
+        # code's smoothing and top-k (the maps from torch, which the export check holds to ONNX).
+        cal_items = split.autoencoder_train
+        cal_scores = p.crossfit.scores
+        threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
+        method = f"cross-fitted over {opts.cross_fit_folds} folds; {method}"
+    else:
+        # Calibrate with the serving code itself, on good images neither model trained on.
+        pipeline = Pipeline(load_bundle(tmp))
+        cal_items = split.calibration
+        cal_scores = anomaly_scores(pipeline, _frames(cal_items, root))
+        threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
+    write_scores(tmp, cal_scores, threshold, method, [i.path.relative_to(root).as_posix() for i in cal_items])
     (tmp / "split.json").write_text(json.dumps(_split_record(split, root), indent=2), encoding="utf-8")
 
     # Evaluate the held-out split through the serving pipeline at the chosen threshold.
     pipeline = Pipeline(load_bundle(tmp), anomaly_threshold=threshold)
     collector = ReplayCollector(classes)
+    defect_scores: list[float] = []
     for frame in _frames(split.holdout, root):
         verdict = pipeline.process(frame)
         collector(verdict, {})
+        if frame.label != GOOD and verdict.decision is not None:
+            defect_scores.append(verdict.decision.anomaly_score)
     holdout = collector.summary().get("labelled", {})
+    # How far the lowest held-out defect sits above the threshold: below 1.2 the anomaly check alone
+    # is one bright bottle away from passing a defect, or one dull defect away from missing it.
+    margin = min(defect_scores) / threshold if defect_scores and threshold > 0 else None
+    if margin is not None and margin < MARGIN_WARN:
+        _say(f"warning: the lowest held-out defect scores {min(defect_scores):.4g}, {margin:.2f}× the threshold "
+             f"{threshold:.4g} (under {MARGIN_WARN}×): the anomaly check alone separates them narrowly; "
+             "more good images, more --ae-steps or station calibrate on the line's own good bottles")
     metrics = {
         "holdout_images": holdout.get("n"),
         "validation_accuracy": history.get("best_val_accuracy"),
@@ -408,6 +582,8 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         "holdout_image_auroc": holdout.get("image_auroc"),
         "holdout_defects_rejected": holdout.get("defects_rejected"),
         "holdout_good_passed": holdout.get("good_passed"),
+        "holdout_anomaly_margin": margin,
+        "holdout_lowest_defect_score": min(defect_scores) if defect_scores else None,
         "onnx_parity_max_abs": {"classifier": parity_cls, "autoencoder": parity_ae},
         "training_seconds": {"classifier": round(t_cls, 1), "autoencoder": round(t_ae, 1),
                              "total": round(time.monotonic() - started, 1)},
@@ -423,6 +599,9 @@ def train_bundle(opts: TrainOptions) -> Manifest:
             "seed": opts.seed,
             "epochs": opts.epochs,
             "ae_steps": opts.ae_steps,
+            "anomaly_model": opts.anomaly_model,
+            "cross_fit_folds": opts.cross_fit_folds if p.crossfit is not None else None,
+            "device": opts.device,
             "batch_size": opts.batch_size,
             "lr": opts.lr,
             "optimizer": opts.optimizer,

@@ -1,0 +1,61 @@
+"""Cross-fitted anomaly scores: every good image scored by a model that never trained on it.
+
+A threshold set on scores of images the model trained on sits too low (the
+model has seen them), and one set on a dozen held-out images sits where a
+dozen images put it: a log-normal bound on 13 scores spread from 0.9 to 9.5
+gave 72 where good bottles of an independent set reached 11. Cross-fitting
+gives every good training image an out-of-sample score: the good images are
+split into folds, one model is trained per fold on the others, and each
+image is scored by the model of its own fold. The served model is trained on
+all of them; the fold models only score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+M = TypeVar("M")
+
+
+@dataclass
+class CrossFit(Generic[M]):
+    #: out-of-sample score of each image, in input order
+    scores: list[float]
+    #: the fold each image belongs to (and so the model that scored it)
+    fold_of: list[int]
+    #: the indices each fold's model trained on
+    trained_on: list[list[int]]
+
+
+def assign_folds(n: int, folds: int, seed: int) -> list[int]:
+    """Each of ``n`` images to one of ``folds`` folds, sizes within one, deterministic under ``seed``."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    if n < folds:
+        raise ValueError(f"{n} images cannot fill {folds} folds")
+    order = np.random.default_rng(seed).permutation(n)
+    fold_of = [0] * n
+    for rank, index in enumerate(order):
+        fold_of[int(index)] = rank % folds
+    return fold_of
+
+
+def cross_fit(n: int, folds: int, seed: int, train: Callable[[list[int], int], M],
+              score: Callable[[M, list[int]], Sequence[float]]) -> CrossFit[M]:
+    """``train(indices, fold)`` a model per fold on the other folds' images; ``score(model, indices)`` its own."""
+    fold_of = assign_folds(n, folds, seed)
+    scores: list[float | None] = [None] * n
+    trained_on: list[list[int]] = []
+    for fold in range(folds):
+        inside = [i for i in range(n) if fold_of[i] != fold]
+        held = [i for i in range(n) if fold_of[i] == fold]
+        model = train(inside, fold)
+        trained_on.append(inside)
+        for i, value in zip(held, score(model, held), strict=True):
+            scores[i] = float(value)
+    assert all(s is not None for s in scores)
+    return CrossFit([float(s) for s in scores if s is not None], fold_of, trained_on)
