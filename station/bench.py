@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,6 +31,7 @@ from station.mvtec import DEFECT_CLASSES, is_image_file
 from station.pipeline import Pipeline
 from station.preprocess import preprocess
 from station.publish import Subscriber, VerdictPublisher
+from station.sources import OnOverload
 from station.sources.folder import FolderReplaySource, load_frame
 from station.synth import render_bottle
 
@@ -56,7 +57,7 @@ class MemorySource:
         self.images = images
         self.rate = rate
         self.finite = rate is None
-        self.on_overload: Literal["wait", "skip"] = "wait" if rate is None else "skip"
+        self.on_overload: OnOverload = "wait" if rate is None else "skip"
         self.count = len(images) if count is None else count  # more than len(images): cycled
 
     def describe(self) -> str:

@@ -52,7 +52,6 @@ class Station:
         publisher: VerdictPublisher | None = None,
         sinks: list[Sink] | None = None,
         queue_size: int = 8,
-        skip_when_busy: bool | None = None,
         heartbeat_interval_s: float = 1.0,
         notifier: Notifier | None = None,
         watchdog_interval_s: float | None = None,
@@ -69,7 +68,7 @@ class Station:
         self.sinks = sinks or []
         # Files wait for inspection (every one gets a real verdict); a live camera
         # cannot wait, so its surplus frames are skipped, visibly.
-        self.skip_when_busy = (source.on_overload == "skip") if skip_when_busy is None else skip_when_busy
+        self.skip_when_busy = source.on_overload == "skip"
         self.heartbeat_interval_s = heartbeat_interval_s
         self.counters = Counters()
         self.state = "starting"

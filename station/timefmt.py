@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 
+def _iso_ms(utc: datetime) -> str:
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
 def iso_utc(epoch_s: float) -> str:
-    dt = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    return _iso_ms(datetime.fromtimestamp(epoch_s, tz=timezone.utc))
 
 
 #: what ``parse_instant`` accepts, for error messages
@@ -41,4 +44,4 @@ def iso_utc_ceil_ms(dt: datetime) -> str:
     whole = utc.replace(microsecond=(utc.microsecond // 1000) * 1000)
     if whole != utc:
         whole += timedelta(milliseconds=1)
-    return whole.strftime("%Y-%m-%dT%H:%M:%S.") + f"{whole.microsecond // 1000:03d}Z"
+    return _iso_ms(whole)

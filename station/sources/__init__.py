@@ -8,13 +8,16 @@ from typing import Literal, Protocol
 
 from station.frame import Frame
 
+#: what a source does while inspection is busy (see Source.on_overload)
+OnOverload = Literal["wait", "skip"]
+
 
 class Source(Protocol):
     #: True when the source ends by itself (replay); live sources run until stopped.
     finite: bool
     #: When inspection is busy: ``wait`` holds the source back (files can wait, every one is inspected);
     #: ``skip`` gives the frame a ``skipped`` verdict (a live camera, where a late verdict is useless).
-    on_overload: Literal["wait", "skip"]
+    on_overload: OnOverload
 
     def describe(self) -> str: ...
 

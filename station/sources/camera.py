@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import structlog
 
 from station.errors import FrameError, SourceError
 from station.frame import Frame
+from station.sources import OnOverload
 
 log = structlog.get_logger("station.camera")
 
@@ -117,7 +118,7 @@ class CameraSource:
         self.driver = driver
         self.finite = driver.finite
         # A video file's frames can wait for inspection; a live camera's cannot.
-        self.on_overload: Literal["wait", "skip"] = "wait" if driver.finite else "skip"
+        self.on_overload: OnOverload = "wait" if driver.finite else "skip"
         self.backoff = backoff or Backoff()
         self.health = CameraHealth()
         self._lock = threading.Lock()

@@ -6,12 +6,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
 
 from station.errors import FrameError, SourceError
 from station.frame import Frame
 from station.imageio import read_image
 from station.mvtec import is_labelled_folder, label_of, list_candidate_files
+from station.sources import OnOverload
 
 
 def _decode(frame: Frame) -> None:
@@ -47,7 +47,7 @@ class FolderReplaySource:
     """Every file under ``root`` (recursive, sorted) exactly once, optionally paced at ``rate`` fps."""
 
     finite = True
-    on_overload: Literal["wait", "skip"] = "wait"
+    on_overload: OnOverload = "wait"
 
     def __init__(self, root: Path, classes: tuple[str, ...], rate: float | None = None) -> None:
         if not root.exists():
@@ -90,7 +90,7 @@ class WatchedFolderSource:
     finite = False
 
     def __init__(self, path: Path, poll_interval_s: float = 0.2, process_existing: bool = True,
-                 on_overload: Literal["wait", "skip"] = "wait") -> None:
+                 on_overload: OnOverload = "wait") -> None:
         if not path.is_dir():
             raise SourceError(f"watched folder {path} does not exist or is not a folder")
         self.path = path

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -22,7 +22,7 @@ M = TypeVar("M")
 
 
 @dataclass
-class CrossFit(Generic[M]):
+class CrossFit:
     #: out-of-sample score of each image, in input order
     scores: list[float]
     #: the fold each image belongs to (and so the model that scored it)
@@ -45,10 +45,10 @@ def assign_folds(n: int, folds: int, seed: int) -> list[int]:
 
 
 def cross_fit(n: int, folds: int, seed: int, train: Callable[[list[int], int], M],
-              score: Callable[[M, list[int]], Sequence[float]]) -> CrossFit[M]:
+              score: Callable[[M, list[int]], Sequence[float]]) -> CrossFit:
     """``train(indices, fold)`` a model per fold on the other folds' images; ``score(model, indices)`` its own."""
     fold_of = assign_folds(n, folds, seed)
-    scores: list[float | None] = [None] * n
+    scores = [0.0] * n  # each image is in exactly one fold, so each is set exactly once below
     trained_on: list[list[int]] = []
     for fold in range(folds):
         inside = [i for i in range(n) if fold_of[i] != fold]
@@ -57,5 +57,4 @@ def cross_fit(n: int, folds: int, seed: int, train: Callable[[list[int], int], M
         trained_on.append(inside)
         for i, value in zip(held, score(model, held), strict=True):
             scores[i] = float(value)
-    assert all(s is not None for s in scores)
-    return CrossFit([float(s) for s in scores if s is not None], fold_of, trained_on)
+    return CrossFit(scores, fold_of, trained_on)

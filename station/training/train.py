@@ -396,7 +396,7 @@ class Prepared:
     ae_export: nn.Module
     ae_seconds: float
     #: out-of-sample scores of the anomaly model's good training images (None: a calibration split instead)
-    crossfit: CrossFit[nn.Module] | None = None
+    crossfit: CrossFit | None = None
 
     def holdout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier inputs (with evidence) and labels of the held-out split."""
@@ -463,7 +463,7 @@ def prepare(opts: TrainOptions) -> Prepared:
 
     # The anomaly model first: its anomaly map is evidence the classifier sees.
     t0 = time.monotonic()
-    crossfit: CrossFit[nn.Module] | None = None
+    crossfit: CrossFit | None = None
     oof_maps: dict[int, torch.Tensor] = {}
     if opts.cross_fit_folds >= 2:
         fold_steps = max(1, round(opts.ae_steps * CROSS_FIT_STEPS))
@@ -550,14 +550,13 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         # code's smoothing and top-k (the maps from torch, which the export check holds to ONNX).
         cal_items = split.autoencoder_train
         cal_scores = p.crossfit.scores
-        threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
-        method = f"cross-fitted over {opts.cross_fit_folds} folds; {method}"
     else:
         # Calibrate with the serving code itself, on good images neither model trained on.
-        pipeline = Pipeline(load_bundle(tmp))
         cal_items = split.calibration
-        cal_scores = anomaly_scores(pipeline, _frames(cal_items, root))
-        threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
+        cal_scores = anomaly_scores(Pipeline(load_bundle(tmp)), _frames(cal_items, root))
+    threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
+    if p.crossfit is not None:
+        method = f"cross-fitted over {opts.cross_fit_folds} folds; {method}"
     write_scores(tmp, cal_scores, threshold, method, [i.path.relative_to(root).as_posix() for i in cal_items])
     (tmp / "split.json").write_text(json.dumps(_split_record(split, root), indent=2), encoding="utf-8")
 
@@ -573,9 +572,10 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     holdout = collector.summary().get("labelled", {})
     # How far the lowest held-out defect sits above the threshold: below 1.2 the anomaly check alone
     # is one bright bottle away from passing a defect, or one dull defect away from missing it.
-    margin = min(defect_scores) / threshold if defect_scores and threshold > 0 else None
+    lowest_defect = min(defect_scores) if defect_scores else None
+    margin = lowest_defect / threshold if lowest_defect is not None and threshold > 0 else None
     if margin is not None and margin < MARGIN_WARN:
-        _say(f"warning: the lowest held-out defect scores {min(defect_scores):.4g}, {margin:.2f}× the threshold "
+        _say(f"warning: the lowest held-out defect scores {lowest_defect:.4g}, {margin:.2f}× the threshold "
              f"{threshold:.4g} (under {MARGIN_WARN}×): the anomaly check alone separates them narrowly; "
              "more good images, more --ae-steps or station calibrate on the line's own good bottles")
     metrics = {
@@ -587,7 +587,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         "holdout_defects_rejected": holdout.get("defects_rejected"),
         "holdout_good_passed": holdout.get("good_passed"),
         "holdout_anomaly_margin": margin,
-        "holdout_lowest_defect_score": min(defect_scores) if defect_scores else None,
+        "holdout_lowest_defect_score": lowest_defect,
         "onnx_parity_max_abs": {"classifier": parity_cls, "autoencoder": parity_ae},
         "training_seconds": {"classifier": round(t_cls, 1), "autoencoder": round(t_ae, 1),
                              "total": round(time.monotonic() - started, 1)},
