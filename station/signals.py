@@ -40,6 +40,11 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def _log_quietly(level: str, event: str, **fields: object) -> None:
+    with contextlib.suppress(Exception):
+        getattr(log, level)(event, **fields)
+
+
 class ShutdownSignals:
     """Context manager installing the handlers; ``stop`` and ``finish_now`` are the events to watch."""
 
@@ -76,20 +81,23 @@ class ShutdownSignals:
                 self._on_signal(signum)
 
     def _on_signal(self, signum: int) -> None:
+        # The event first, the log line after, and a log line that cannot be written (stderr closed
+        # under an orphaned process) never kills this thread: a lost SIGTERM would leave a process
+        # that only SIGKILL ends.
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            log.info("reload_requested", signal=name)
             if self.on_hup is not None:
                 self.on_hup()
+            _log_quietly("info", "reload_requested", signal=name)
             return
         self.received += 1
         if not self.stop.is_set():
-            log.info("stop_requested", signal=name, then="draining the frames in flight")
             self.stop.set()
+            _log_quietly("info", "stop_requested", signal=name, then="draining the frames in flight")
         elif not self.finish_now.is_set():
-            log.warning("finish_now_requested", signal=name,
-                        then="frames not yet inspected are skipped (reason shutdown); inspected ones published")
             self.finish_now.set()
+            _log_quietly("warning", "finish_now_requested", signal=name,
+                         then="frames not yet inspected are skipped (reason shutdown); inspected ones published")
 
     def __enter__(self) -> ShutdownSignals:
         self._read_fd, self._write_fd = os.pipe()

@@ -152,3 +152,27 @@ def test_thousands_of_signals_in_a_burst_neither_hang_nor_kill_the_process() -> 
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "handled " in proc.stdout
+
+
+ORPHANED = """
+import os, sys, time
+from station.logsetup import configure_logging
+from station.signals import ShutdownSignals
+configure_logging("info")
+r, w = os.pipe()
+os.close(r)
+os.dup2(w, 2)  # stderr now a pipe nobody reads: every log line fails (EPIPE), as under a dead parent
+with ShutdownSignals() as signals:
+    os.kill(os.getpid(), 15)
+    if not signals.stop.wait(10):
+        sys.stdout.write("stop lost")
+        sys.exit(3)
+sys.stdout.write("stopped")
+"""
+
+
+def test_a_stop_signal_is_not_lost_when_the_log_cannot_be_written() -> None:
+    """Under an orphaned process stderr may be gone: the stop must still happen (or only SIGKILL ends it)."""
+    proc = subprocess.run([sys.executable, "-c", ORPHANED], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout == "stopped", (proc.returncode, proc.stdout)
