@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: what is there, FP16 (and FP32) engines built for it, parity with ONNX Runtime,
-# and station bench on both backends, printed as one report (for the closing note of a GPU change).
+# One run on a GPU machine: what is there (TensorRT's major version and the build path it takes), the
+# bundle's FP16 and INT8 files exported if missing, engines of all three precisions built from them, parity
+# with ONNX Runtime, and station bench on both backends, printed as one report (for a GPU change's note).
 #
 #   deploy/gpu-check.sh [MODEL_DIR]      default: models/demo, trained here first if missing (needs torch)
 #
@@ -39,6 +40,16 @@ for name in ("tensorrt", "pycuda.driver", "onnxruntime", "torch"):
 from station.backends import choose
 c = choose("auto")
 print(f"backend auto -> {c.name}: {c.reason}")
+try:
+    import tensorrt as trt
+    from station.backends.gpu import tensorrt_release
+    major, minor = tensorrt_release(str(trt.__version__))
+    note = ("the flag is a no-op there: TensorRT 11 has only strongly typed networks" if major >= 11
+            else "TensorRT 10.x: no BuilderFlag.FP16/INT8, no calibrator")
+    print(f"TensorRT major version {major} ({trt.__version__}); build path: strongly typed network "
+          f"(NetworkDefinitionCreationFlag.STRONGLY_TYPED) from the bundle's fp32/fp16/int8 ONNX file; {note}")
+except Exception as exc:
+    print(f"TensorRT build path: none ({exc})")
 PY
 
 if [ ! -f "$MODEL/manifest.yaml" ]; then
@@ -49,12 +60,21 @@ fi
 station synth --out "$REPORT/eval" --seed 2 --train-good 0 --test-per-class 30 >/dev/null
 
 status=0
-section "build-engine fp16, fp32"
-for p in fp16 fp32; do
+section "station export fp16, int8 (needs the train extra; skipped where the bundle has them)"
+for p in fp16 int8; do
+  if grep -q "file: classifier.$p.onnx" "$MODEL/manifest.yaml"; then
+    echo "$p: in the bundle already"
+  else
+    station export --model "$MODEL" --precision "$p" --check "$REPORT/eval/bottle/test" || status=1
+  fi
+done
+
+section "build-engine fp16, fp32, int8 (strongly typed, from the ONNX file of each precision)"
+for p in fp16 fp32 int8; do
   /usr/bin/time -f "$p build: %e s" "$py" -m station.cli build-engine --model "$MODEL" --precision "$p" || status=1
 done
 
-section "parity with ONNX Runtime (tests/test_tensorrt.py)"
+section "parity with ONNX Runtime on the same files (tests/test_tensorrt.py)"
 "$py" -m pytest -q -rs -s tests/test_tensorrt.py -k matches_onnxruntime 2>&1 | grep -E "parity|passed|failed|SKIPPED|Error" \
   || status=1
 

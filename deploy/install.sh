@@ -12,7 +12,9 @@
 #
 # On a GPU (docs/jetson.md):
 #   --gpu                 also installs the units' drop-in systemd/gpu/gpu.conf (GPU device nodes, engines built at start)
-#   --jetson              --gpu, and a venv that sees JetPack's TensorRT and pycuda (--system-site-packages)
+#                         and, unless --extras is given, the tensorrt extra: TensorRT 10.3 up to 11.x from PyPI
+#   --jetson              --gpu, and a venv that sees JetPack's TensorRT and pycuda (--system-site-packages);
+#                         JetPack 6 or later (TensorRT >= 10.3, docs/jetson.md), checked after the install
 #   --build-engines PREC  builds the bundle's TensorRT engines now, on this GPU (not with DESTDIR: an engine
 #                         is only valid on the GPU it was built on)
 set -euo pipefail
@@ -22,6 +24,7 @@ DESTDIR=${DESTDIR:-}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 CONFDIR=${CONFDIR:-/etc/station}
 EXTRAS=camera
+EXTRAS_GIVEN=
 BUNDLE=
 GPU=
 SYSTEM_SITE=
@@ -36,7 +39,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --prefix) PREFIX=${2:?}; shift 2 ;;
     --bundle) BUNDLE=${2:?}; shift 2 ;;
-    --extras) EXTRAS=${2?}; shift 2 ;;
+    --extras) EXTRAS=${2?}; EXTRAS_GIVEN=1; shift 2 ;;
     --gpu) GPU=1; shift ;;
     --jetson) GPU=1; SYSTEM_SITE=--system-site-packages; shift ;;
     --build-engines) ENGINES=${2:?}; shift 2 ;;
@@ -54,6 +57,11 @@ if [ -n "$BUNDLE" ] && [ ! -f "$BUNDLE/manifest.yaml" ]; then
   echo "install.sh: $BUNDLE is not a model bundle (no manifest.yaml); make one with station train" >&2; exit 2
 fi
 
+if [ -n "$GPU" ] && [ -z "$SYSTEM_SITE" ] && [ -z "$EXTRAS_GIVEN" ]; then
+  # A discrete GPU: TensorRT from PyPI, a version the build path supports (pyproject's tensorrt extra).
+  EXTRAS="$EXTRAS,tensorrt"
+fi
+
 root=$DESTDIR
 venv=$root$PREFIX/venv
 echo "install.sh: venv in $venv"
@@ -66,6 +74,16 @@ if [ -n "$SYSTEM_SITE" ]; then
   # against JetPack's CUDA toolkit.
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "pycuda>=2024.1" \
     2> >(grep -v '^WARNING: Location' >&2)
+fi
+if [ -n "$GPU" ] && [ -z "$root" ]; then
+  # The TensorRT the venv sees (PyPI's, or JetPack's) must be one the build path supports: 10.3 on.
+  if ! "$venv/bin/python" -c 'from station.backends.gpu import tensorrt_module, tensorrt_release
+t = tensorrt_module(); major, minor = tensorrt_release(str(t.__version__))
+print(f"install.sh: TensorRT {t.__version__} (major {major}): engines are built strongly typed")'; then
+    echo "install.sh: no supported TensorRT in $venv (see above and docs/jetson.md: JetPack 6 or later;" \
+         "pip install 'station[tensorrt]' on a discrete GPU)" >&2
+    exit 2
+  fi
 fi
 if [ -n "$root" ]; then
   # A venv records its own path in its scripts and pyvenv.cfg; staged under DESTDIR it must

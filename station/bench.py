@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from station.daemon import Station
+from station.decide import decide
 from station.errors import DatasetError
 from station.frame import Frame
 from station.imageio import read_image
@@ -172,6 +173,23 @@ class Bench:
             t.join()
         return len(inputs) / (time.perf_counter() - t0)
 
+    def bare_work(self, images: list[np.ndarray], streams: int) -> float:
+        """Frames per second of one frame's whole work (preprocess, both models, decide) on in-memory
+        images, run back to back by ``streams`` threads: what the station does per frame, without it."""
+        inspector, policy = self.pipeline.inspector, self.pipeline.policy
+
+        def work(part: list[np.ndarray]) -> None:
+            for image in part:
+                decide(inspector.inspect(preprocess(image, inspector.preprocess_spec)), policy)
+
+        threads = [threading.Thread(target=work, args=(images[k::streams],)) for k in range(streams)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return len(images) / (time.perf_counter() - t0)
+
     def bare_latency(self, images: list[np.ndarray], rate: float) -> list[float]:
         """Preprocess and both models for each image, alone on the calling thread, one every 1/rate s.
 
@@ -224,7 +242,39 @@ class Bench:
         return counters.published / elapsed, latencies, counters.snapshot()
 
 
-def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers: int) -> dict[str, Any]:
+def model_precisions(pipeline: Pipeline, images: list[np.ndarray], rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Median ms of each model at each precision the bundle has, one ONNX Runtime thread, on the inputs
+    these images give; the precisions are interleaved round by round, so a noisy machine slows all alike."""
+    from station.backends import ROLES
+    from station.backends.onnxruntime import OnnxRuntimeModel
+
+    bundle, inspector = pipeline.bundle, pipeline.inspector
+    inputs = [preprocess(image, inspector.preprocess_spec) for image in images[:8]]
+    feeds = {"autoencoder": [[x.autoencoder] for x in inputs],
+             "classifier": [inspector.classifier_batches(x, inspector.autoencoder.run(x.autoencoder)) for x in inputs]}
+    models = {(role, precision): OnnxRuntimeModel(bundle.model_path(role, precision),
+                                                  bundle.manifest.models[role].inputs,
+                                                  bundle.manifest.models[role].output, threads=1)
+              for role in ROLES for precision in ("fp32", "fp16", "int8") if bundle.has_precision(role, precision)}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in models}
+    for key, model in models.items():  # warm-up
+        model.run(*feeds[key[0]][0])
+    for _ in range(rounds):
+        for key, model in models.items():
+            for feed in feeds[key[0]]:
+                t0 = time.perf_counter()
+                model.run(*feed)
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, dict[str, float]] = {}
+    for (role, precision), ms in times.items():
+        out.setdefault(role, {})[precision] = float(np.median(ms))
+    return out
+
+
+def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers: int,
+              baseline: Pipeline | None = None) -> dict[str, Any]:
+    """Every measurement on ``pipeline``; with ``baseline`` (the same bundle at another precision) also
+    the station's in-memory throughput and bare work on it, measured right after ``pipeline``'s."""
     bench = Bench(pipeline, workers)
     workdir = Path(tempfile.mkdtemp(prefix="station-bench-"))
     try:
@@ -236,10 +286,17 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers
             pngs.append(bytes(buf))
             (workdir / f"{n:05d}.png").write_bytes(pngs[-1])
         stages = bench.stages(pngs, images)
+        models_ms = model_precisions(pipeline, images)
         bare = bench.bare_inference(images, 1)
         bare_parallel = bench.bare_inference(images, workers)
+        work_parallel = bench.bare_work(images, workers)
         naive = bench.naive_loop(workdir)
         memory_fps, memory_lat, _ = bench.station(MemorySource(images))
+        base: dict[str, Any] | None = None
+        if baseline is not None:
+            other = Bench(baseline, workers)
+            base_memory, _, _ = other.station(MemorySource(images))
+            base = {"station_memory": base_memory, "bare_work_parallel": other.bare_work(images, workers)}
         replay_fps, _, _ = bench.station(FolderReplaySource(workdir, pipeline.bundle.manifest.classes))
         _, offered_lat, offered_counters = bench.station(MemorySource(images, rate=rate))
         bare_lat = bench.bare_latency(images, rate)
@@ -249,9 +306,11 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers
         "frames": len(images),
         "image_size": list(images[0].shape),
         "stages_ms": stages,
+        "models_ms_by_precision": models_ms,
         "throughput_fps": {
             "bare_inference": bare,
             "bare_inference_parallel": bare_parallel,
+            "bare_work_parallel": work_parallel,
             "naive_loop_png": naive,
             "station_memory": memory_fps,
             "station_png_replay": replay_fps,
@@ -259,6 +318,7 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers
         "ratios": {
             "station_memory_vs_bare_inference": memory_fps / bare,
             "station_memory_vs_bare_inference_parallel": memory_fps / bare_parallel,
+            "station_memory_vs_bare_work_parallel": memory_fps / work_parallel,
             "station_png_replay_vs_naive_loop": replay_fps / naive,
         },
         "offered": {
@@ -269,19 +329,28 @@ def run_bench(pipeline: Pipeline, images: list[np.ndarray], rate: float, workers
             "published": offered_counters["published"],
         },
         "station_memory_latency_ms": summarise(memory_lat),
+        **({"baseline": {**base, "station_memory_vs_baseline": memory_fps / base["station_memory"]}}
+           if base is not None else {}),
     }
 
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['frames']} frames of {r['image_size'][1]}×{r['image_size'][0]}; model {r['model']}, "
-             f"backend {r['backend']}, {r['workers']} workers × {r['threads']} threads; {r['machine']}",
+             f"backend {r['backend']} ({r.get('precision', 'fp32')}), {r['workers']} workers × {r['threads']} "
+             f"threads; {r['machine']}",
              "", f"{'stage':<12}{'mean ms':>9}{'p50 ms':>9}{'p99 ms':>9}"]
     for stage, s in r["stages_ms"].items():
         lines.append(f"{stage:<12}{s['mean']:>9.2f}{s['p50']:>9.2f}{s['p99']:>9.2f}")
+    lines += ["", "each model alone, 1 ONNX Runtime thread, median ms by precision:"]
+    for role, by in r["models_ms_by_precision"].items():
+        ref = by.get("fp32")
+        lines.append(f"  {role:<12}" + ", ".join(
+            f"{p} {ms:.2f}" + (f" ({ref / ms:.2f}×)" if ref and p != "fp32" else "") for p, ms in by.items()))
     t = r["throughput_fps"]
     lines += ["", f"{'throughput':<34}{'frames/s':>9}",
               f"{'bare inference, 1 thread':<34}{t['bare_inference']:>9.1f}",
               f"{'bare inference, ' + str(r['workers']) + ' threads':<34}{t['bare_inference_parallel']:>9.1f}",
+              f"{'bare work, ' + str(r['workers']) + ' threads':<34}{t['bare_work_parallel']:>9.1f}",
               f"{'naive sequential loop, PNG files':<34}{t['naive_loop_png']:>9.1f}",
               f"{'station, in-memory camera frames':<34}{t['station_memory']:>9.1f}",
               f"{'station, PNG files replayed':<34}{t['station_png_replay']:>9.1f}",
@@ -290,7 +359,15 @@ def format_report(r: dict[str, Any]) -> str:
               f"{r['ratios']['station_memory_vs_bare_inference']:.2f}×",
               f"station in-memory / bare inference, {r['workers']} threads: "
               f"{r['ratios']['station_memory_vs_bare_inference_parallel']:.2f}×",
+              f"station in-memory / bare work (preprocess, models, decide), {r['workers']} threads: "
+              f"{r['ratios']['station_memory_vs_bare_work_parallel']:.2f}×",
               f"station PNG replay / naive loop:    {r['ratios']['station_png_replay_vs_naive_loop']:.2f}×"]
+    if "baseline" in r:
+        b = r["baseline"]
+        lines += ["", f"precision {r.get('precision', '?')} against {r.get('baseline_precision', '?')}, same run: "
+                  f"station in-memory {t['station_memory']:.1f} / {b['station_memory']:.1f} frames/s = "
+                  f"{b['station_memory_vs_baseline']:.2f}×; bare work {t['bare_work_parallel']:.1f} / "
+                  f"{b['bare_work_parallel']:.1f}"]
     o = r["offered"]
     lat = o["latency_ms"]
     bare = o["bare_latency_ms"]

@@ -57,6 +57,20 @@ class InputManifest(_Strict):
         return Normalisation(self.mean, self.std)
 
 
+#: precisions a model can be served at; all but fp32 are files made by `station export` (station/export.py)
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ConvertedModel(_Strict):
+    """A precision-converted copy of a model's FP32 ONNX file, made by `station export`."""
+
+    file: str  # named for its precision: classifier.int8.onnx
+    #: the FP32 file's checksum it was made from: a retrained model makes the copy stale
+    source_sha256: str
+    #: how it was made: tool and versions, settings, calibration images and their fingerprint, when
+    made: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelFile(_Strict):
     file: str
     arch: str
@@ -65,6 +79,16 @@ class ModelFile(_Strict):
     #: classifier: probabilities averaged over this many evenly spaced turns of the bottle (exact
     #: circular shifts of the polar view's rows), run as one batch; 1 for older bundles
     rotations: int = Field(default=1, ge=1, le=16)
+    #: precision → the converted file (station export); FP32 is ``file`` itself
+    converted: dict[str, ConvertedModel] = Field(default_factory=dict)
+
+    @field_validator("converted")
+    @classmethod
+    def _converted_precisions(cls, v: dict[str, ConvertedModel]) -> dict[str, ConvertedModel]:
+        unknown = sorted(set(v) - set(PRECISIONS[1:]))
+        if unknown:
+            raise ValueError(f"unknown precision {', '.join(unknown)}; converted files are {', '.join(PRECISIONS[1:])}")
+        return v
 
 
 class AnomalyManifest(_Strict):
@@ -149,8 +173,26 @@ class Bundle:
         self.root = root
         self.manifest = manifest
 
-    def model_path(self, role: str) -> Path:
-        return self.root / self.manifest.models[role].file
+    def model_path(self, role: str, precision: str = "fp32") -> Path:
+        """The ONNX file of ``role`` at ``precision``; BundleError saying how to make one that is missing."""
+        model = self.manifest.models[role]
+        if precision == "fp32":
+            return self.root / model.file
+        converted = model.converted.get(precision)
+        if converted is None:
+            raise BundleError(f"{self.root}: the {role} has no {precision} file; make it with station export "
+                              f"--model {self.root} --precision {precision} (needs the train extra)")
+        if converted.source_sha256 != self.manifest.files.get(model.file):
+            raise BundleError(f"{self.root / converted.file}: made from an earlier {model.file} (the model was "
+                              f"retrained); run station export --model {self.root} --precision {precision} again")
+        return self.root / converted.file
+
+    def has_precision(self, role: str, precision: str) -> bool:
+        try:
+            self.model_path(role, precision)
+        except BundleError:
+            return False
+        return True
 
     @property
     def label(self) -> str:

@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate", type=_positive_float, default=20.0, metavar="FPS",
                    help="offered frame rate for the latency measurement")
     b.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
+    b.add_argument("--baseline-precision", default=None, metavar="PRECISION",
+                   help="also measure the station at this precision (e.g. fp32) in the same run, and the ratio")
 
     so = sub.add_parser("soak", help="many frames through the daemon to an outside subscriber: nothing lost, "
                                      "memory flat (exit 1 if not)")
@@ -227,14 +229,14 @@ def _client_keys(args: argparse.Namespace) -> Any:
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
                    help="auto: TensorRT where a GPU and TensorRT are present, else ONNX Runtime (default)")
-    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"],
-                   help="TensorRT engines to run (default fp16)")
+    p.add_argument("--precision", default="auto", metavar="auto|fp32|fp16|int8|classifier=P,autoencoder=P",
+                   help="the models' precision on either backend (default auto: the measured best the bundle has)")
 
 
-def _backend_spec(args: argparse.Namespace, plan: Any) -> Any:
+def _backend_spec(args: argparse.Namespace, plan: Any, precision: str | None = None) -> Any:
     from station.backends import BackendSpec
 
-    return BackendSpec(args.backend, threads=plan.threads_per_session, precision=args.precision,
+    return BackendSpec(args.backend, threads=plan.threads_per_session, precision=precision or args.precision,
                        slots=plan.workers)
 
 
@@ -658,6 +660,7 @@ def _machine() -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from station import parallelism
+    from station.backends import precision_arg, resolve_precision
     from station.bench import folder_images, format_report, run_bench, synth_images
     from station.bundle import load_bundle
     from station.pipeline import Pipeline
@@ -672,11 +675,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         images = synth_images(args.frames)
     else:
         images = folder_images(Path(args.source), args.frames)
+    baseline = None
+    if args.baseline_precision is not None:
+        baseline = Pipeline(bundle, backend=_backend_spec(args, plan, args.baseline_precision))
+        baseline.warm_up()
     print("bench: measuring", file=sys.stderr)
-    report = run_bench(pipeline, images, args.rate, plan.workers)
-    report.update(model=bundle.label, backend=pipeline.inspector.backend, workers=plan.workers,
+    report = run_bench(pipeline, images, args.rate, plan.workers, baseline)
+    backend = pipeline.inspector.backend
+    precision = resolve_precision(args.precision, backend, bundle)[0]
+    report.update(model=bundle.label, backend=backend, workers=plan.workers,
                   threads=plan.threads_per_session, machine=_machine(),
-                  source=args.source)
+                  source=args.source, precision=precision_arg(precision))
+    if args.baseline_precision is not None:
+        report["baseline_precision"] = precision_arg(resolve_precision(args.baseline_precision, backend, bundle)[0])
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -710,13 +721,20 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     from station.backends.gpu import probe
     from station.bundle import load_bundle
 
+    if args.calibration is not None:
+        raise ConfigError("build-engine --calibration: INT8 is calibrated by station export now (Q/DQ nodes in "
+                          f"the bundle's int8 files): station export --model {args.model} --precision int8 "
+                          "[--calibration DIR], then build-engine --precision int8")
+    precisions = parse_precision(args.precision)
+    if precisions is None:
+        raise ConfigError("build-engine --precision: name one (fp16, fp32, int8) or one per model")
     bundle = load_bundle(args.model)
     gpu = probe()  # says what is missing (TensorRT, pycuda, a GPU) and exits 2
     from station.backends.tensorrt_build import BuildOptions, build_engines
 
-    options = BuildOptions(args.precision, args.workspace_mb, args.max_batch, args.calibration)
+    options = BuildOptions(precisions, args.workspace_mb, args.max_batch)
     options.validate()
-    key = EngineKey.for_gpu(gpu, args.precision)
+    key = EngineKey.for_bundle(bundle, gpu, precisions)
     cache = EngineCache(bundle)
     if not args.force:
         cached, why = cache.usable(key, ROLES)
@@ -743,6 +761,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "bench": cmd_bench,
     "build-engine": cmd_build_engine,
+    "export": cmd_export,
     "soak": cmd_soak,
     "keys": cmd_keys,
     "bridge": cmd_bridge,

@@ -130,8 +130,10 @@ class DecisionConfig(_Strict):
 class InferenceConfig(_Strict):
     #: auto: TensorRT where a CUDA GPU, pycuda and TensorRT are present, else ONNX Runtime on the CPU
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
-    #: TensorRT: the engines to run (station build-engine --precision)
-    precision: Literal["fp16", "fp32", "int8"] = "fp16"
+    #: the models' precision on either backend: auto (the measured best per backend and model, where the
+    #: bundle has its file: docs/performance.md), fp32, fp16, int8 (files made by station export), or
+    #: per model, e.g. {classifier: fp32, autoencoder: int8}; a model not named runs fp32
+    precision: Literal["auto", "fp32", "fp16", "int8"] | dict[str, Literal["fp32", "fp16", "int8"]] = "auto"
     #: TensorRT: build missing or out-of-date engines at start (minutes); false refuses to start without them
     build_engines: bool = True
     #: inspection workers; 0: one per usable core (station/parallelism.py says why)
@@ -143,6 +145,14 @@ class InferenceConfig(_Strict):
 
 class OutputConfig(_Strict):
     jsonl: Path | None = None
+
+    @field_validator("precision")
+    @classmethod
+    def _known_models(cls, v: str | dict[str, str]) -> str | dict[str, str]:
+        unknown = sorted(set(v) - {"classifier", "autoencoder"}) if isinstance(v, dict) else []
+        if unknown:
+            raise ValueError(f"unknown model {', '.join(unknown)}; the models are classifier and autoencoder")
+        return v
 
 
 class StationConfig(_Strict):

@@ -22,14 +22,38 @@ def test_bench_reports_every_stage_and_throughput(bundle: Path, eval_root: Path,
     t = r["throughput_fps"]
     assert all(v > 0 for v in t.values())
     assert r["ratios"]["station_memory_vs_bare_inference"] == t["station_memory"] / t["bare_inference"]
+    # The same per-frame work as the station's (preprocess, both models, decide), bare, on all workers.
+    assert r["ratios"]["station_memory_vs_bare_work_parallel"] == t["station_memory"] / t["bare_work_parallel"]
+    # Each model at each precision the bundle has (FP32 only: nothing exported), and no baseline asked for.
+    assert set(r["models_ms_by_precision"]) == {"autoencoder", "classifier"}
+    assert all(list(by) == ["fp32"] and by["fp32"] > 0 for by in r["models_ms_by_precision"].values())
+    assert "baseline" not in r and r["precision"] == "fp32"
     assert r["offered"]["published"] == 16  # every offered frame got a verdict, inspected or skipped
     assert r["offered"]["latency_ms"]["n"] + r["offered"]["skipped"] == 16
     assert r["offered"]["bare_latency_ms"]["n"] == 16  # the same frames, alone, as the machine's baseline
     for line in ("bare inference", "naive sequential loop", "station, in-memory", "station, PNG files",
-                 "offered 50 frames/s", "the same work alone"):
+                 "offered 50 frames/s", "the same work alone", "bare work (preprocess, models, decide)"):
         assert line in proc.stdout
 
 
 def test_bench_refuses_an_empty_folder(bundle: Path, tmp_path: Path) -> None:
     proc = run_station("bench", "--model", str(bundle), "--source", str(tmp_path), "--frames", "4")
     assert proc.returncode == 2 and "no images under" in proc.stderr
+
+
+def test_bench_compares_the_chosen_precision_with_a_baseline_in_the_same_run(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = shutil.copytree(bundle, tmp_path / "b")
+    assert run_station("export", "--model", str(root), "--precision", "int8", timeout=900).returncode == 0
+    out = tmp_path / "bench.json"
+    proc = run_station("bench", "--model", str(root), "--frames", "8", "--backend", "onnxruntime",
+                       "--precision", "autoencoder=int8", "--baseline-precision", "fp32", "--json", str(out),
+                       timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert r["precision"] == "autoencoder=int8,classifier=fp32" and r["baseline_precision"] == "fp32"
+    b = r["baseline"]
+    assert b["station_memory_vs_baseline"] == r["throughput_fps"]["station_memory"] / b["station_memory"]
+    assert set(r["models_ms_by_precision"]["autoencoder"]) == {"fp32", "int8"}
+    assert "against fp32, same run" in proc.stdout

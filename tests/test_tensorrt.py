@@ -1,5 +1,6 @@
-"""TensorRT serving: the engine cache's rules everywhere; the API checked against TensorRT's stubs in CI;
-parity with ONNX Runtime on a machine with a GPU, skipped with the reason elsewhere."""
+"""TensorRT serving: the engine cache's rules everywhere; the API checked against TensorRT 10.13's stubs and
+TensorRT 11's own bindings in CI; parity with ONNX Runtime on a machine with a GPU, skipped with the reason
+elsewhere."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines
-from station.backends.gpu import GpuInfo
+from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines, onnx_sources
+from station.backends.gpu import GpuInfo, tensorrt_release
 from station.bundle import load_bundle
-from station.errors import MissingDependencyError
+from station.errors import BundleError, MissingDependencyError
 from tests.conftest import run_station
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("autoencoder", "classifier")
 ORIN = GpuInfo("Orin (nvgpu)", (8, 7), True, 8 << 30, "10.3.0.30")
+FP32 = dict.fromkeys(ROLES, "fp32")
 
 
 def _gpu_or_reason() -> tuple[GpuInfo | None, str]:
@@ -40,31 +43,59 @@ needs_no_tensorrt = pytest.mark.skipif(GPU is not None, reason="TensorRT and a G
 # -- engine cache ---------------------------------------------------------------
 
 
-def test_engine_key_names_gpu_compute_capability_tensorrt_and_precision() -> None:
-    assert EngineKey.for_gpu(ORIN, "fp16").dirname == "orin-nvgpu-sm87-trt10.3.0.30-fp16"
+def _store(cache: EngineCache, key: EngineKey, plans: dict[str, bytes], precisions: dict[str, str]) -> None:
+    cache.store(key, plans, {}, onnx_sources(cache.bundle, precisions))
+
+
+def test_engine_key_names_gpu_compute_capability_tensorrt_precision_and_the_onnx_checksum(bundle: Path,
+                                                                                           tmp_path: Path) -> None:
+    root = shutil.copytree(bundle, tmp_path / "b")
+    key = EngineKey.for_bundle(load_bundle(root), ORIN, FP32)
+    assert key.dirname == f"orin-nvgpu-sm87-trt10.3.0.30-fp32-{key.onnx}" and len(key.onnx) == 12
+    # The ONNX file the plan comes from is part of the key: another file (retrained) → another key.
+    manifest = yaml.safe_load((root / "manifest.yaml").read_text())
+    manifest["files"]["classifier.onnx"] = "0" * 64
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    assert EngineKey.for_bundle(load_bundle(root, verify_checksums=False), ORIN, FP32).onnx != key.onnx
+    # A precision the bundle has no file for is refused, naming the command that makes it.
+    with pytest.raises(BundleError, match="station export"):
+        EngineKey.for_bundle(load_bundle(root, verify_checksums=False), ORIN, dict.fromkeys(ROLES, "fp16"))
 
 
 def test_cache_returns_plans_only_for_their_own_key(bundle: Path, tmp_path: Path) -> None:
     b = load_bundle(shutil.copytree(bundle, tmp_path / "b"))
     cache = EngineCache(b)
-    key = EngineKey.for_gpu(ORIN, "fp16")
-    cache.store(key, {r: f"plan of {r}".encode() for r in ROLES}, {"gpu": ORIN.name})
+    key = EngineKey.for_bundle(b, ORIN, FP32)
+    _store(cache, key, {r: f"plan of {r}".encode() for r in ROLES}, FP32)
     found = cache.lookup(key, ROLES)
     assert found is not None and found.plans["classifier"].read_bytes() == b"plan of classifier"
     assert cache.available() == [key.dirname]
+    meta = json.loads((cache.folder(key) / "engine.json").read_text())
+    assert meta["models"]["classifier"]["onnx"] == "classifier.onnx"
     # Another precision, another GPU, another TensorRT: nothing to load, so the caller rebuilds or refuses.
     other_gpu = GpuInfo("NVIDIA H200", (9, 0), False, 141 << 30, "10.3.0.30")
-    newer_trt = GpuInfo(ORIN.name, ORIN.compute_capability, True, ORIN.total_memory, "10.13.0.35")
-    for other in (EngineKey.for_gpu(ORIN, "int8"), EngineKey.for_gpu(other_gpu, "fp16"),
-                  EngineKey.for_gpu(newer_trt, "fp16")):
+    newer_trt = GpuInfo(ORIN.name, ORIN.compute_capability, True, ORIN.total_memory, "11.4.0.106")
+    for other in (EngineKey(key.gpu, key.compute_capability, key.tensorrt, "int8", key.onnx),
+                  EngineKey.for_bundle(b, other_gpu, FP32), EngineKey.for_bundle(b, newer_trt, FP32)):
         assert cache.lookup(other, ROLES) is None
+
+
+def test_storing_plans_of_a_new_onnx_file_removes_those_of_the_old(bundle: Path, tmp_path: Path) -> None:
+    b = load_bundle(shutil.copytree(bundle, tmp_path / "b"))
+    cache = EngineCache(b)
+    key = EngineKey.for_bundle(b, ORIN, FP32)
+    old = EngineKey(key.gpu, key.compute_capability, key.tensorrt, key.precision, "a" * 12)
+    other_precision = EngineKey(key.gpu, key.compute_capability, key.tensorrt, "int8", "b" * 12)
+    for k in (old, other_precision, key):
+        _store(cache, k, {r: b"x" for r in ROLES}, FP32)
+    assert cache.available() == sorted([key.dirname, other_precision.dirname])
 
 
 def test_cache_refuses_plans_built_from_another_model_or_filed_under_another_key(bundle: Path,
                                                                                    tmp_path: Path) -> None:
     root = shutil.copytree(bundle, tmp_path / "b")
-    key = EngineKey.for_gpu(ORIN, "fp16")
-    EngineCache(load_bundle(root)).store(key, {r: b"x" for r in ROLES}, {})
+    key = EngineKey.for_bundle(load_bundle(root), ORIN, FP32)
+    _store(EngineCache(load_bundle(root)), key, {r: b"x" for r in ROLES}, FP32)
     meta_path = root / "engines" / key.dirname / "engine.json"
     meta = json.loads(meta_path.read_text())
 
@@ -85,9 +116,9 @@ def test_cache_refuses_plans_built_from_another_model_or_filed_under_another_key
 def test_storing_again_replaces_the_whole_folder(bundle: Path, tmp_path: Path) -> None:
     b = load_bundle(shutil.copytree(bundle, tmp_path / "b"))
     cache = EngineCache(b)
-    key = EngineKey.for_gpu(ORIN, "fp32")
-    cache.store(key, {r: b"old" for r in ROLES}, {})
-    cache.store(key, {r: b"new" for r in ROLES}, {})
+    key = EngineKey.for_bundle(b, ORIN, FP32)
+    _store(cache, key, {r: b"old" for r in ROLES}, FP32)
+    _store(cache, key, {r: b"new" for r in ROLES}, FP32)
     found = cache.lookup(key, ROLES)
     assert found is not None and all(p.read_bytes() == b"new" for p in found.plans.values())
     assert sorted(p.name for p in cache.root.iterdir()) == [key.dirname]  # no temporary or old folders left
@@ -103,6 +134,17 @@ def test_build_engine_without_tensorrt_exits_2_saying_what_to_install(bundle: Pa
     assert "station build-engine: error:" in proc.stderr
     assert "TensorRT is not installed" in proc.stderr and "station[tensorrt]" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_build_engine_calibration_points_to_station_export(bundle: Path) -> None:
+    proc = run_station("build-engine", "--model", str(bundle), "--precision", "int8", "--calibration", "/x")
+    assert proc.returncode == 2 and "station export --model" in proc.stderr and "--precision int8" in proc.stderr
+
+
+def test_tensorrt_older_than_10_3_is_refused_naming_the_oldest_supported() -> None:
+    assert tensorrt_release("10.3.0.30") == (10, 3) and tensorrt_release("11.4.0.106") == (11, 4)
+    with pytest.raises(MissingDependencyError, match=r"8\.6\.2.*too old.*10\.3"):
+        tensorrt_release("8.6.2.3")
 
 
 @needs_no_tensorrt
@@ -151,9 +193,45 @@ def test_type_check_catches_a_misspelt_tensorrt_call(tmp_path: Path) -> None:
     assert '"Builder" has no attribute "build_serialized_netwrk"' in bad.stdout
 
 
+TRT11 = ROOT / ".venv" / "tensorrt11"
+TRT11_SNIPPET = (
+    "import tensorrt as trt\n"
+    "TENSORRT_10 = int(trt.__version__.split('.')[0]) < 11\n"
+    "builder = trt.Builder(trt.Logger(trt.Logger.WARNING))\n"
+    "config = builder.create_builder_config()\n"
+    "network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))\n"
+    "config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 30)\n"
+    "plan = builder.build_serialized_network(network, config)\n"
+)
+
+
+def _trt11_check(source: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "uses_tensorrt.py"
+    path.write_text(source)
+    return subprocess.run([sys.executable, str(ROOT / "deploy" / "tensorrt11_check.py"), "--dir", str(TRT11),
+                           str(path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.skipif(not (TRT11 / "stubs" / "tensorrt").is_dir(),
+                    reason="TensorRT 11's stubs are not made (deploy/test.sh runs deploy/tensorrt11_check.py)")
+def test_tensorrt11_check_fails_a_name_11_removed_unless_it_is_in_a_10x_only_branch(tmp_path: Path) -> None:
+    ok = _trt11_check(TRT11_SNIPPET, tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    removed = TRT11_SNIPPET + "config.set_flag(trt.BuilderFlag.INT8)\nconfig.int8_calibrator = None\n"
+    bad = _trt11_check(removed, tmp_path)
+    assert bad.returncode == 1, bad.stdout
+    assert '"type[BuilderFlag]" has no attribute "INT8"' in bad.stdout
+    assert '"IBuilderConfig" has no attribute "int8_calibrator"' in bad.stdout
+    # The same names in the branch that only runs on TensorRT 10 are not 11's business ...
+    legacy = TRT11_SNIPPET + "if TENSORRT_10:\n    config.set_flag(trt.BuilderFlag.INT8)\n"
+    assert _trt11_check(legacy, tmp_path).returncode == 0
+    # ... and TensorRT 10.13's stubs (the plain mypy run) still have them.
+    assert _mypy(removed.replace("config.int8_calibrator = None\n", ""), tmp_path).returncode == 0
+
+
 # -- on a GPU ---------------------------------------------------------------------
 
-#: Largest differences from ONNX Runtime (FP32 on the CPU) allowed per precision:
+#: Largest differences from ONNX Runtime on the CPU running the same ONNX file, allowed per precision:
 #: class probabilities (absolute) and the anomaly score (relative). docs/jetson.md states them.
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2), "int8": (1e-1, 1e-1)}
 
@@ -169,13 +247,16 @@ def test_tensorrt_matches_onnxruntime(bundle: Path, synth_root: Path, eval_root:
     from station.preprocess import preprocess
 
     root = shutil.copytree(bundle, tmp_path / "b")
-    args = ["build-engine", "--model", str(root), "--precision", precision]
-    if precision == "int8":
-        args += ["--calibration", str(synth_root)]
-    proc = run_station(*args, timeout=1800)
+    if precision != "fp32":  # TensorRT builds the precision station export put in the graph
+        proc = run_station("export", "--model", str(root), "--precision", precision, timeout=1800)
+        assert proc.returncode == 0, proc.stderr
+    proc = run_station("build-engine", "--model", str(root), "--precision", precision, timeout=1800)
     assert proc.returncode == 0, proc.stderr
+    assert "strongly typed" in proc.stderr
     b = load_bundle(root)
-    cpu = Inspector(b, "onnxruntime")
+    # ONNX Runtime runs the same file: what the precision costs is the CPU parity test's (tests/test_export.py);
+    # here, that TensorRT computes what the graph says.
+    cpu = Inspector(b, BackendSpec("onnxruntime", precision=precision))
     gpu = Inspector(b, BackendSpec("tensorrt", precision=precision, build_engines=False))
     assert gpu.backend == "tensorrt"
     worst_p, worst_s = 0.0, 0.0

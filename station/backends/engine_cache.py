@@ -1,15 +1,20 @@
 """TensorRT plans cached inside a bundle, keyed by what a plan is only valid for.
 
-``<bundle>/engines/<gpu>-sm<cc>-trt<version>-<precision>/`` holds one plan per
-model and ``engine.json``, which repeats the key and records the sha256 of the
-ONNX file each plan was built from. A plan is used only when the folder's key
-is this GPU's key and its ONNX checksum is the bundle's: a plan for another
-GPU, TensorRT version or precision, or for a model since retrained, is never
-loaded. It is rebuilt, or refused with a message saying which plans exist.
+``<bundle>/engines/<gpu>-sm<cc>-trt<version>-<precision>-<onnx>/`` holds one
+plan per model and ``engine.json``, which repeats the key and records the ONNX
+file each plan was built from with its sha256. ``<precision>`` names the ONNX
+files the plans came from (``fp16``: both models' ``*.fp16.onnx``; mixed:
+``autoencoder-int8.classifier-fp16``) and ``<onnx>`` is a digest of their
+checksums, so a model retrained or re-exported gets a folder of its own and
+the old one is removed when the new one is stored. A plan is used only when
+the folder's key is this GPU's key for the bundle's current files: a plan for
+another GPU, TensorRT version, precision or ONNX file is never loaded. It is
+rebuilt, or refused with a message saying which plans exist.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,13 +23,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from station.backends import ROLES, precision_label
 from station.backends.gpu import GpuInfo
 from station.bundle import Bundle
 from station.errors import BackendError
 
 ENGINES = "engines"
 META = "engine.json"
-PRECISIONS = ("fp16", "fp32", "int8")
+
+
+def onnx_sources(bundle: Bundle, precisions: dict[str, str]) -> dict[str, str]:
+    """role → the bundle-relative ONNX file a plan of that precision is built from (BundleError if missing)."""
+    return {role: bundle.model_path(role, precisions[role]).relative_to(bundle.root).as_posix() for role in ROLES}
 
 
 @dataclass(frozen=True)
@@ -32,16 +42,22 @@ class EngineKey:
     gpu: str  # slug of the GPU's name
     compute_capability: str  # "sm87"
     tensorrt: str  # "10.13.0.35"
-    precision: str
+    precision: str  # "fp16", or per model "autoencoder-int8.classifier-fp16"
+    onnx: str  # first 12 hex digits of a digest of the source ONNX files' sha256
 
     @classmethod
-    def for_gpu(cls, gpu: GpuInfo, precision: str) -> EngineKey:
+    def for_bundle(cls, bundle: Bundle, gpu: GpuInfo, precisions: dict[str, str]) -> EngineKey:
+        sources = onnx_sources(bundle, precisions)
+        h = hashlib.sha256()
+        for role in ROLES:
+            h.update(f"{role}:{bundle.manifest.files.get(sources[role], '')}\n".encode())
         major, minor = gpu.compute_capability
-        return cls(gpu.slug, f"sm{major}{minor}", gpu.tensorrt_version, precision)
+        return cls(gpu.slug, f"sm{major}{minor}", gpu.tensorrt_version, precision_label(precisions),
+                   h.hexdigest()[:12])
 
     @property
     def dirname(self) -> str:
-        return f"{self.gpu}-{self.compute_capability}-trt{self.tensorrt}-{self.precision}"
+        return f"{self.gpu}-{self.compute_capability}-trt{self.tensorrt}-{self.precision}-{self.onnx}"
 
 
 @dataclass(frozen=True)
@@ -92,10 +108,11 @@ class EngineCache:
             entry = models.get(role)
             if entry is None:
                 raise StaleEngines(f"{meta_path}: no plan for the {role}")
-            onnx = self.bundle.manifest.models[role].file
+            onnx = str(entry.get("onnx"))
             expected = self.bundle.manifest.files.get(onnx)
-            if entry.get("onnx_sha256") != expected:
-                raise StaleEngines(f"{folder / entry['plan']}: built from another {onnx} (the model was retrained)")
+            if expected is None or entry.get("onnx_sha256") != expected:
+                raise StaleEngines(f"{folder / entry['plan']}: built from another {onnx} (the model was retrained "
+                                   "or re-exported)")
             plan = folder / entry["plan"]
             if not plan.is_file():
                 raise StaleEngines(f"{plan}: listed in {meta_path} but missing")
@@ -110,8 +127,13 @@ class EngineCache:
             return None, str(exc)
         return cached, "" if cached is not None else "no plan"
 
-    def store(self, key: EngineKey, plans: dict[str, bytes], details: dict[str, Any]) -> CachedEngines:
-        """Write the plans and engine.json into a new folder, then swap it in: never half a cache."""
+    def store(self, key: EngineKey, plans: dict[str, bytes], details: dict[str, Any],
+              sources: dict[str, str]) -> CachedEngines:
+        """Write the plans and engine.json into a new folder, then swap it in: never half a cache.
+
+        ``sources``: role → the ONNX file each plan was built from. Plans of the same GPU, TensorRT and
+        precision built from other ONNX files (a model since retrained) are removed: never loadable again.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key.dirname}.", dir=self.root))
         tmp.chmod(0o755)  # mkdtemp makes 0700: the service's user must read what an installer built
@@ -120,7 +142,7 @@ class EngineCache:
             for role, blob in plans.items():
                 name = f"{role}.plan"
                 (tmp / name).write_bytes(blob)
-                onnx = self.bundle.manifest.models[role].file
+                onnx = sources[role]
                 models[role] = {"plan": name, "onnx": onnx, "onnx_sha256": self.bundle.manifest.files.get(onnx),
                                 "bytes": len(blob)}
             meta = {"key": asdict(key), "models": models, **details}
@@ -137,4 +159,8 @@ class EngineCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        stale_prefix = key.dirname[: -len(key.onnx)]
+        for other in self.root.iterdir():
+            if other.name.startswith(stale_prefix) and other.name != key.dirname:
+                shutil.rmtree(other, ignore_errors=True)
         return CachedEngines(key, {role: final / f"{role}.plan" for role in plans}, meta)

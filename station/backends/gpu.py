@@ -45,6 +45,23 @@ def tensorrt_module() -> ModuleType:
     return tensorrt
 
 
+#: the oldest TensorRT this station builds for: JetPack 6's (docs/jetson.md has the support matrix)
+OLDEST_TENSORRT = (10, 3)
+
+
+def tensorrt_release(version: str) -> tuple[int, int]:
+    """``10.13.0.35`` → (10, 13); MissingDependencyError for a version older than OLDEST_TENSORRT."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError as exc:
+        raise MissingDependencyError(f"TensorRT reports an unreadable version {version!r}") from exc
+    if (major, minor) < OLDEST_TENSORRT:
+        raise MissingDependencyError(
+            f"TensorRT {version} is too old: this station builds strongly typed networks, from TensorRT "
+            f"{'.'.join(map(str, OLDEST_TENSORRT))} on (JetPack 6; see docs/jetson.md); {INSTALL_HINT}")
+    return major, minor
+
+
 def cuda_driver() -> Any:  # pycuda has no type information
     """pycuda's driver module, initialised; MissingDependencyError or a clear reason where there is no GPU."""
     try:
@@ -64,6 +81,7 @@ def cuda_driver() -> Any:  # pycuda has no type information
 def probe(device: int = 0) -> GpuInfo:
     """The GPU TensorRT would run on; MissingDependencyError naming what is missing."""
     trt = tensorrt_module()
+    tensorrt_release(str(trt.__version__))
     cuda = cuda_driver()
     dev = cuda.Device(device)
     major, minor = dev.compute_capability()
