@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from station.errors import BundleError
 from station.mvtec import GOOD
-from station.preprocess import Normalisation, PreprocessSpec, Sampling
+from station.preprocess import Lighting, Normalisation, PreprocessSpec, Sampling
 from station.validation import load_yaml_model
 
 MANIFEST = "manifest.yaml"
@@ -40,6 +40,9 @@ class ViewManifest(_Strict):
     #: how the view is sampled for the mouth and the polar unwrap (station/preprocess.py,
     #: PreprocessSpec.sampling); bundles trained before "area-block" existed say "area"
     interpolation: Sampling = "area"
+    #: how the mouth is lit and so located: front (a bright lip), back (a dark rim on a backlight) or
+    #: auto (decided per frame); bundles from before there was a choice are front-lit
+    lighting: Lighting = "front"
 
 
 class InputManifest(_Strict):
@@ -155,6 +158,7 @@ def preprocess_spec(canonical_size: int, view: ViewManifest, inputs: dict[str, I
         classifier=inputs["classifier"].normalisation(),
         autoencoder=inputs["autoencoder"].normalisation(),
         sampling=view.interpolation,
+        lighting=view.lighting,
     )
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "over this many folds (0 or 1: hold 20 %% of them out instead)")
     t.add_argument("--device", default="auto",
                    help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N; the bundle is the same")
+    t.add_argument("--lighting", default="auto", choices=["auto", "front", "back"],
+                   help="how the mouth is lit: front (ring or dome light above), back (light from below), or "
+                        "auto: the one all training images show, recorded in the bundle (mixed: decided per frame)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=_positive_int, default=16)
     t.add_argument("--target-false-reject", type=_positive_float, default=0.01,
@@ -244,7 +247,7 @@ def _backend_spec(args: argparse.Namespace, plan: Any, precision: str | None = N
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from station.synth import write_dataset
+    from station.synth import parse_styles, write_dataset
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 20 == 0:
@@ -252,7 +255,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     try:
         summary = write_dataset(args.out, seed=args.seed, train_good=args.train_good,
-                                test_per_class=args.test_per_class, novel=args.novel, progress=progress)
+                                test_per_class=args.test_per_class, novel=args.novel, progress=progress,
+                                styles=parse_styles(args.style))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     except OSError as exc:
@@ -277,6 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         name=args.name or args.out.name, threads=args.threads, backbone=args.backbone,
         pretrained=args.pretrained, lr=args.lr, optimizer=args.optimizer, balance=args.balance,
         anomaly_model=args.anomaly_model, cross_fit_folds=args.cross_fit_folds, device=pick_device(args.device),
+        lighting=args.lighting,
     )
     if args.sweep:
         from station.training.sweep import run_sweep

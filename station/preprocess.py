@@ -8,7 +8,9 @@ bundle manifest. The rules are documented in docs/preprocessing.md:
 1. Any decoded image → 8-bit BGR (gray replicated, alpha dropped, 16-bit
    scaled; float refused); the canonical view is its centred square.
 2. Locate the bottle mouth: the outer rim circle (Otsu threshold of a
-   downscaled gray view, largest blob, its enclosing circle).
+   downscaled gray view, largest blob, its enclosing circle). Front lighting
+   (ring or dome light above) makes the lip the bright blob, back lighting
+   (a panel below) the dark one; ``lighting: auto`` tells them apart per frame.
 3. Unwrap the mouth to polar coordinates around that centre, out to
    ``radius_margin`` × the rim radius: rows are angles, columns radii. A
    rotated bottle is then a circular shift of rows, a differently sized or
@@ -20,6 +22,7 @@ bundle manifest. The rules are documented in docs/preprocessing.md:
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +43,10 @@ class Normalisation:
 
 
 Sampling = Literal["area", "area-block"]
+#: "front": light from above (ring or dome), a bright lip on a darker background; "back": light from
+#: below, a dark rim on a bright background (and a bright opening); "auto": decided per frame
+Lighting = Literal["front", "back", "auto"]
+LIGHTINGS: tuple[Lighting, ...] = ("front", "back", "auto")
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ class PreprocessSpec:
     #: its autoencoder scores good bottles higher on the other sampling (up to 8.9 against a
     #: threshold of 5.5 on the demo bundle).
     sampling: Sampling = "area-block"
+    #: how the mouth is lit (Lighting); bundles from before there was a choice are "front"
+    lighting: Lighting = "front"
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class Mouth:
     cx: float
     cy: float
     radius: float
+    #: the lighting it was located under: "front" or "back" (what "auto" decided)
+    lighting: Lighting = "front"
 
 
 @dataclass
@@ -116,8 +127,40 @@ def canonical_view(image: np.ndarray, canonical_size: int) -> tuple[np.ndarray, 
     return roi, (x, y, side)
 
 
+def _rim_circle(mask: np.ndarray) -> tuple[float, float, float] | None:
+    """The enclosing circle (cx, cy, r) of the largest blob of ``mask``, after closing small gaps."""
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    largest = max(contours, key=cv2.contourArea)
+    (cx, cy), r = cv2.minEnclosingCircle(largest)
+    return float(cx), float(cy), float(r)
+
+
+def _border_is_bright(bright: np.ndarray) -> bool:
+    """Whether most of the frame's outermost pixels are on the bright side of the threshold.
+
+    The border is background in any usable frame (the mouth is at most 0.6 × the view wide and
+    centred): bright there means light from below. Counting 4 × 225 pixels costs microseconds.
+    """
+    n = bright.shape[0]
+    border = (np.count_nonzero(bright[0]) + np.count_nonzero(bright[-1]) + np.count_nonzero(bright[1:-1, 0])
+              + np.count_nonzero(bright[1:-1, -1]))
+    return bool(2 * border > 4 * n - 4)
+
+
+_BLOB = {"front": "bright lip on a dark background", "back": "dark rim on a bright background"}
+
+
 def locate_mouth(view: np.ndarray, spec: PreprocessSpec) -> Mouth:
-    """The rim's enclosing circle: robust to a missing piece of rim and to specks inside."""
+    """The rim's enclosing circle: robust to a missing piece of rim and to specks inside.
+
+    One Otsu threshold splits the small gray view into bright and dark; the mouth is the largest
+    bright blob under front lighting, the largest dark one under back lighting (its outer contour is
+    the rim's, whatever the opening inside looks like). ``auto`` tries first the polarity the frame's
+    border suggests (bright border: backlit), then the other if that gives no plausible rim.
+    """
     size = view.shape[0]
     scale = size / _LOCATE_SIDE
     if spec.sampling == "area":
@@ -132,22 +175,48 @@ def locate_mouth(view: np.ndarray, spec: PreprocessSpec) -> Mouth:
                             cv2.COLOR_BGR2GRAY)
         offset = 0.0  # INTER_NEAREST reads source pixel scale·i for pixel i
     gray = cv2.GaussianBlur(gray, (5, 5), 0)
-    _, mask = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        raise FrameError(NO_BOTTLE, "no bright bottle mouth against the background")
-    largest = max(contours, key=cv2.contourArea)
-    (cx, cy), r = cv2.minEnclosingCircle(largest)
-    radius = r * scale
+    _, bright = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    backlit_border = _border_is_bright(bright)
+    tries: tuple[Lighting, ...]
+    if spec.lighting == "auto":
+        tries = ("back", "front") if backlit_border else ("front", "back")
+    else:
+        tries = (spec.lighting,)
     lo, hi = spec.min_radius_fraction * size, spec.max_radius_fraction * size
-    if not lo <= radius <= hi:
-        raise FrameError(
-            NO_BOTTLE,
-            f"located rim radius {radius:.0f} px is outside the expected {lo:.0f}–{hi:.0f} px of the "
-            f"{size} px view",
-        )
-    return Mouth(cx * scale + offset, cy * scale + offset, radius)
+    found: list[tuple[Lighting, float | None]] = []
+    for lighting in tries:
+        circle = _rim_circle(bright if lighting == "front" else cv2.bitwise_not(bright))
+        if circle is not None and lo <= circle[2] * scale <= hi:
+            cx, cy, r = circle
+            return Mouth(cx * scale + offset, cy * scale + offset, r * scale, lighting)
+        found.append((lighting, None if circle is None else circle[2] * scale))
+    other_fits = False
+    if spec.lighting != "auto":  # the error path only: would the other lighting have found a mouth?
+        other = _rim_circle(cv2.bitwise_not(bright) if spec.lighting == "front" else bright)
+        other_fits = other is not None and lo <= other[2] * scale <= hi
+    raise FrameError(NO_BOTTLE, _no_mouth(found, lo, hi, size, spec.lighting, other_fits))
+
+
+def _no_mouth(found: list[tuple[Lighting, float | None]], lo: float, hi: float, size: int, wanted: Lighting,
+              other_fits: bool) -> str:
+    """Why no mouth was found, in the terms of the view's lighting setting."""
+    expected = f"the expected {lo:.0f}–{hi:.0f} px of the {size} px view"
+    if wanted == "auto":
+        parts = [f"as a {_BLOB[lighting]}, " + ("no blob" if r is None else f"rim radius {r:.0f} px")
+                 for lighting, r in found]
+        return f"no bottle mouth under either lighting ({'; '.join(parts)}; expected {lo:.0f}–{hi:.0f} px " \
+               f"of the {size} px view)"
+    lighting, radius = found[0]
+    if radius is None:
+        detail = ("no bright bottle mouth against the background" if lighting == "front"
+                  else "no dark bottle rim against a bright background")
+    else:
+        detail = f"located rim radius {radius:.0f} px is outside {expected}"
+    if other_fits:
+        # The commonest cause: a frame lit the other way than the bundle was trained for.
+        other = "a backlit frame (bright background)" if lighting == "front" else "a front-lit frame (dark background)"
+        detail += f"; it looks like {other}, and view.lighting is {lighting}"
+    return detail
 
 
 @functools.lru_cache(maxsize=8)
@@ -245,3 +314,9 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> ModelInputs:
         mouth=mouth,
         roi=roi,
     )
+
+
+def agreed_lighting(found: Iterable[Lighting]) -> Lighting:
+    """The one lighting every frame was located under, or ``auto`` when they differ (or there are none)."""
+    kinds = set(found)
+    return kinds.pop() if len(kinds) == 1 else "auto"

@@ -12,6 +12,7 @@ import pytest
 from station.bundle import load_bundle
 from station.errors import FrameError
 from station.preprocess import (
+    Lighting,
     Mouth,
     Normalisation,
     PreprocessSpec,
@@ -151,6 +152,7 @@ def test_a_bundle_is_served_with_the_sampling_it_was_trained_with(bundle: Path) 
 
     manifest = load_bundle(bundle).manifest
     assert manifest.view.interpolation == "area-block"  # what station train writes now
+    assert manifest.view.lighting == "front"  # ring-lit data under station train's default --lighting auto
     assert manifest.preprocess_spec().sampling == "area-block"
     # A manifest from before the field had a second value says "area" (or nothing): served as trained.
     older = ViewManifest(angle_bins=512, radius_bins=128, radius_margin=1.08)
@@ -164,3 +166,88 @@ def test_a_bundle_is_served_with_the_sampling_it_was_trained_with(bundle: Path) 
     new, old = (polar_view(image, m, s).astype(np.float32) for m, s in ((mouth, SPEC), (old_mouth, legacy)))
     # The same picture, sampled differently: close, but not the same pixels.
     assert 0.1 < np.abs(new - old).mean() < 4.0
+
+
+# -- lighting ---------------------------------------------------------------------------------------
+
+OWN_LIGHTING: dict[str, Lighting] = {"ring": "front", "dome": "front", "backlit": "back"}
+
+
+@pytest.mark.parametrize("style", ["ring", "dome", "backlit"])
+def test_every_style_is_located_where_it_was_drawn_under_its_lighting_and_auto(style: str) -> None:
+    import dataclasses
+
+    from station.synth import render_novel, scene_of
+
+    for seed in range(3):
+        for defect in (None, "broken_large", "broken_small", "contamination", "crack"):
+            rng = np.random.default_rng([seed, 40])
+            image = (render_novel(rng, defect, style=style)[0] if defect == "crack"
+                     else render_bottle(rng, defect, style=style)[0])
+            cx, cy, radius = scene_of(np.random.default_rng([seed, 40]), style)
+            lightings: tuple[Lighting, ...] = (OWN_LIGHTING[style], "auto")
+            for lighting in lightings:
+                mouth = locate_mouth(image, dataclasses.replace(SPEC, lighting=lighting))
+                assert mouth.lighting == OWN_LIGHTING[style], (style, defect, seed)
+                assert abs(mouth.cx - cx) < 6 and abs(mouth.cy - cy) < 6, (style, defect, seed, mouth)
+                assert abs(mouth.radius - radius) < 8, (style, defect, seed, mouth)
+
+
+def test_auto_lighting_finds_what_front_finds_on_a_front_lit_frame() -> None:
+    import dataclasses
+
+    for seed in range(4):
+        image = bottle(seed, "broken_large")
+        assert locate_mouth(image, dataclasses.replace(SPEC, lighting="auto")) == locate_mouth(image, SPEC)
+
+
+def test_a_backlit_frame_under_front_lighting_says_why_it_has_no_mouth() -> None:
+    import dataclasses
+
+    image = render_bottle(np.random.default_rng(2), None, style="backlit")[0]
+    with pytest.raises(FrameError) as front:
+        preprocess(image, SPEC)
+    assert front.value.reason == "no_bottle_found"
+    assert "backlit" in front.value.detail and "view.lighting is front" in front.value.detail
+    ring = bottle(2)
+    with pytest.raises(FrameError) as back:
+        preprocess(ring, dataclasses.replace(SPEC, lighting="back"))
+    assert "front-lit" in back.value.detail and "view.lighting is back" in back.value.detail
+    # Neither lighting finds a mouth in a uniform frame: auto says what each found.
+    with pytest.raises(FrameError) as neither:
+        preprocess(np.full((900, 900, 3), 40, np.uint8), dataclasses.replace(SPEC, lighting="auto"))
+    assert neither.value.reason == "no_bottle_found" and "either lighting" in neither.value.detail
+
+
+def test_a_manifest_without_lighting_is_front_lit() -> None:
+    from station.bundle import InputManifest, ViewManifest, preprocess_spec
+
+    inputs = {role: InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) for role in ("classifier", "autoencoder")}
+    older = ViewManifest(angle_bins=512, radius_bins=128, radius_margin=1.08)
+    assert older.lighting == "front" and preprocess_spec(900, older, inputs).lighting == "front"
+    backlit = ViewManifest.model_validate({"angle_bins": 512, "radius_bins": 128, "radius_margin": 1.08,
+                                           "lighting": "back"})
+    assert preprocess_spec(900, backlit, inputs).lighting == "back"
+    with pytest.raises(ValueError, match="lighting"):
+        ViewManifest.model_validate({"angle_bins": 512, "radius_bins": 128, "radius_margin": 1.08,
+                                     "lighting": "sideways"})
+
+
+def test_agreed_lighting() -> None:
+    from station.preprocess import agreed_lighting
+
+    assert agreed_lighting(["back", "back"]) == "back"
+    assert agreed_lighting(["front", "back", "front"]) == "auto"
+    assert agreed_lighting([]) == "auto"
+
+
+def test_the_training_path_names_the_file_without_a_mouth(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from station.errors import DatasetError
+    from station.training.data import load_inputs
+
+    path = tmp_path / "backlit.png"
+    cv2.imwrite(str(path), render_bottle(np.random.default_rng(2), None, style="backlit")[0])
+    with pytest.raises(DatasetError) as err:
+        load_inputs(path, SPEC)
+    assert str(path) in str(err.value) and "view.lighting is front" in str(err.value)

@@ -18,7 +18,7 @@ from station.mvtec import (
     labelled_pool,
     novel_kind,
 )
-from station.synth import NOVEL_MASK_LEVELS, _draw_scene, render_bottle, render_novel, write_dataset
+from station.synth import NOVEL_MASK_LEVELS, _draw_scene, render_bottle, render_novel, scene_of, write_dataset
 from tests.conftest import run_station
 
 
@@ -187,3 +187,94 @@ def test_synth_novel_then_train_and_replay(tmp_path: Path) -> None:
     assert len(novel) == 5 and all(v["truth"] == NOVEL and v["error"] is None for v in novel)
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())
     assert metrics["labelled"]["n"] == 4 * 2  # the 4-class figures leave novel defects out
+
+
+# -- renderer styles -------------------------------------------------------------------------------
+
+LOOKS = ("dome", "backlit")
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+
+
+def test_synth_styles_are_deterministic_cycled_and_recorded(tmp_path: Path) -> None:
+    """`station synth --style all` twice with one seed: the same bytes, every style, class and novel kind."""
+    args = ("--seed", "4", "--train-good", "3", "--test-per-class", "3", "--novel", "6", "--style", "all")
+    for name in ("a", "b"):
+        proc = run_station("synth", "--out", str(tmp_path / name), *args)
+        assert proc.returncode == 0, proc.stderr
+    a, b = _tree(tmp_path / "a" / "bottle"), _tree(tmp_path / "b" / "bottle")
+    assert len(a) == 3 + 4 * 3 + 3 * 3 + 6 * 2 and a == b
+    record = json.loads((tmp_path / "a" / "synth.json").read_text())
+    assert record["styles"] == ["ring", "dome", "backlit"] and record["seed"] == 4
+    # Image i of every folder is drawn in style i mod 3.
+    images = record["images"]
+    assert images["train/good/001.png"] == "dome" and images["test/broken_small/002.png"] == "backlit"
+    assert images["test/novel/003_bubble.png"] == "ring" and images["test/novel/005_crack.png"] == "backlit"
+    assert len(images) == 3 + 4 * 3 + 6
+    # The ring images are the ones a ring-only run of the same seed writes.
+    proc = run_station("synth", "--out", str(tmp_path / "ring"), "--seed", "4", "--train-good", "1",
+                       "--test-per-class", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert _tree(tmp_path / "ring" / "bottle")["train/good/000.png"] == a["train/good/000.png"]
+    # The backlit images are backlit: the frame's border is brighter than its middle; the others darker.
+    for name, style in (("000", "ring"), ("001", "dome"), ("002", "backlit")):
+        gray = _gray(cv2.imread(str(tmp_path / "a" / "bottle" / "train" / "good" / f"{name}.png")))
+        border = np.concatenate([gray[:20].ravel(), gray[-20:].ravel()]).mean()
+        assert (border > gray[350:550, 350:550].mean()) == (style == "backlit"), style
+
+
+def test_synth_refuses_an_unknown_style() -> None:
+    proc = run_station("synth", "--out", "/nonexistent/x", "--style", "ring,neon")
+    assert proc.returncode == 2
+    assert "neon" in proc.stderr and "backlit" in proc.stderr
+
+
+@pytest.mark.parametrize("style", LOOKS)
+def test_styles_draw_other_images_from_one_seed(style: str) -> None:
+    same, _ = render_bottle(np.random.default_rng(5), None, style=style)
+    again, _ = render_bottle(np.random.default_rng(5), None, style=style)
+    ring, _ = render_bottle(np.random.default_rng(5), None)
+    other, _ = render_bottle(np.random.default_rng(6), None, style=style)
+    assert np.array_equal(same, again)
+    assert np.abs(_gray(same) - _gray(ring)).mean() > 10
+    assert np.abs(_gray(same) - _gray(other)).mean() > 3
+
+
+@pytest.mark.parametrize("style", LOOKS)
+def test_style_defects_change_pixels_inside_their_masks_only(style: str) -> None:
+    for seed, defect in enumerate(("broken_large", "broken_small", "contamination") * 2):
+        good, _ = render_bottle(np.random.default_rng([seed, 7]), None, style=style)
+        bad, mask = render_bottle(np.random.default_rng([seed, 7]), defect, style=style)
+        assert mask is not None and set(np.unique(mask)) == {0, 255} and (mask > 0).sum() >= 9
+        diff = np.abs(good.astype(int) - bad.astype(int)).sum(axis=2) > 30
+        # Blur, the break's seam (≤ 4 px) and JPEG's 16 px blocks reach a little beyond the mask; no further.
+        near = cv2.dilate(mask, np.ones((41, 41), np.uint8)) > 0
+        assert diff[mask > 0].mean() > 0.3, (style, defect, seed)
+        assert not diff[~near].any(), (style, defect, seed)
+
+
+def test_a_backlit_chip_shows_the_light() -> None:
+    for seed in range(3):
+        good, _ = render_bottle(np.random.default_rng([seed, 3]), None, style="backlit")
+        bad, mask = render_bottle(np.random.default_rng([seed, 3]), "broken_small", style="backlit")
+        assert mask is not None
+        inside = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+        # Where the glass was, the light behind it: brighter than the dark rim it replaced.
+        assert _gray(bad)[inside].mean() > _gray(good)[inside].mean() + 40, seed
+
+
+@pytest.mark.parametrize("style", LOOKS)
+@pytest.mark.parametrize("kind", NOVEL_KINDS)
+def test_style_novel_mask_is_exactly_the_changed_pixels(style: str, kind: str) -> None:
+    good, _ = render_bottle(np.random.default_rng([8, 1]), None, style=style)
+    bad, mask = render_novel(np.random.default_rng([8, 1]), kind, style=style)
+    diff = np.abs(good.astype(int) - bad.astype(int)).max(axis=2)
+    assert np.array_equal(mask > 0, diff > NOVEL_MASK_LEVELS), (style, kind)
+    assert (mask > 0).sum() >= 20
+    # On the glass of the rim, where the drawers put it.
+    cx, cy, radius = scene_of(np.random.default_rng([8, 1]), style)
+    ys, xs = np.nonzero(mask)
+    u = np.hypot(xs - cx, ys - cy) / radius
+    assert u.min() > 0.5 and u.max() < 1.05, (style, kind, u.min(), u.max())

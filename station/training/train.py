@@ -38,6 +38,7 @@ from station.errors import DatasetError
 from station.frame import Frame
 from station.mvtec import BOTTLE_CLASSES, GOOD, LabelledImage
 from station.pipeline import Pipeline
+from station.preprocess import Lighting, agreed_lighting
 from station.replay import ReplayCollector
 from station.sources.folder import load_frame
 from station.training.anomalies import simulate
@@ -115,6 +116,9 @@ class TrainOptions:
     cross_fit_folds: int = CROSS_FIT_FOLDS
     #: torch device the networks train on ("cpu", "cuda", "cuda:1"); resolve "auto" with pick_device
     device: str = "cpu"
+    #: how the mouth is lit: "front", "back", or "auto": the one every image is located under (or auto
+    #: in the bundle, decided per frame, when they differ)
+    lighting: Lighting = "auto"
 
 
 def pick_device(wanted: str) -> str:
@@ -444,12 +448,19 @@ def prepare(opts: TrainOptions) -> Prepared:
     pool = discover(root, classes)
     split = stratified_split(pool, classes, opts.seed, keep_calibration=opts.cross_fit_folds < 2)
     view = ViewManifest(angle_bins=ANGLE_BINS, radius_bins=RADIUS_BINS, radius_margin=RADIUS_MARGIN,
-                        interpolation="area-block")
+                        interpolation="area-block", lighting=opts.lighting)
     inputs = {
         "classifier": InputManifest(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         "autoencoder": InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
     }
     spec = preprocess_spec(CANONICAL_SIZE, view, inputs)
+    if opts.lighting == "auto":
+        # When every image is lit one way, the bundle says so: each frame is then located as the
+        # training images were, not by a per-frame guess. Mixed data keeps auto.
+        lighting = agreed_lighting(load_inputs(item.path, spec).mouth.lighting for item in pool)
+        view = view.model_copy(update={"lighting": lighting})
+        spec = preprocess_spec(CANONICAL_SIZE, view, inputs)
+    _say(f"lighting {view.lighting} (--lighting {opts.lighting})")
     _say(f"data {root}: {len(pool)} labelled images; train {len(split.train)} (classifier "
          f"{len(split.classifier_train)}, validation {len(split.validation)}), holdout {len(split.holdout)}; "
          f"anomaly model {len(split.autoencoder_train)} good"
