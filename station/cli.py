@@ -202,11 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the figures as JSON")
     _add_backend_args(so)
 
+    from station.training.loso import add_parser as add_loso_parser
+
+    add_loso_parser(sub)
+
+    # `station ui` parses its own words (station/ui/cli.py), so the station's commands never import the UI.
+    ui = sub.add_parser("ui", help="the operator's web page; `station ui export`: reviewed rejects for training",
+                        add_help=False, prefix_chars="+")
+    ui.add_argument("ui_args", nargs=argparse.REMAINDER, metavar="ARGS", help="see `station ui --help`")
+
+    x = sub.add_parser("export", help="write FP16 or INT8 (Q/DQ) copies of a bundle's ONNX files into it "
+                                      "(needs the train extra)")
+    x.add_argument("--model", type=Path, required=True)
+    x.add_argument("--precision", required=True, choices=["fp16", "int8"])
+    x.add_argument("--calibration", type=Path, default=None, metavar="DIR",
+                   help="INT8: images to calibrate on (default: the bundle's training images, good and defective)")
+    x.add_argument("--check", type=Path, default=None, metavar="DIR",
+                   help="then compare each converted file with FP32 on this labelled folder; exit 1 if one fails")
+
     g = sub.add_parser("build-engine", help="build TensorRT engines of a bundle for this GPU (cached in the bundle)")
     g.add_argument("--model", type=Path, required=True)
-    g.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"])
-    g.add_argument("--calibration", type=Path, default=None, metavar="DIR",
-                   help="INT8: folder of bottle images from the line (good and defective) to calibrate on")
+    g.add_argument("--precision", default="fp16", metavar="fp16|fp32|int8|classifier=P,autoencoder=P",
+                   help="which of the bundle's ONNX files to build from (fp16, int8: made by station export)")
+    g.add_argument("--calibration", type=Path, default=None, help=argparse.SUPPRESS)
     g.add_argument("--workspace-mb", type=_positive_int, default=1024, help="builder memory pool limit")
     g.add_argument("--max-batch", type=_positive_int, default=0, metavar="N",
                    help="also accept batches 1…N (default: the batch the station runs each model with)")

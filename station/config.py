@@ -125,6 +125,8 @@ class PublishConfig(_Strict):
 class DecisionConfig(_Strict):
     class_confidence: float | None = Field(default=None, gt=0, le=1)
     anomaly_threshold: float | None = None
+    #: the anomaly score the classifier alone needs to fail a bottle (None: the bundle's; 0: none)
+    classifier_min_anomaly: float | None = Field(default=None, ge=0)
 
 
 class InferenceConfig(_Strict):

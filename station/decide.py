@@ -29,6 +29,11 @@ class Policy:
     anomaly_threshold: float  # an anomaly score above this fails the bottle
     canonical_size: int
     radius_margin: float  # of the polar view, to map anomaly regions back into the canonical view
+    #: the classifier alone fails a bottle only when its anomaly score is at least this (0: always).
+    #: A classifier trained on a handful of images per class misnames good bottles far more often than
+    #: the good-only anomaly check flags them; requiring the anomaly check's support bounds its false
+    #: rejects by the share of good bottles scoring this high (docs/models.md, "The decision").
+    classifier_min_anomaly: float = 0.0
 
 
 @dataclass
@@ -43,12 +48,14 @@ class Decision:
 
 
 def decide(scores: Scores, policy: Policy) -> Decision:
+    """Fail on a confident defect class (with the anomaly check's support) or an anomaly score over the threshold."""
     probs = scores.probabilities
     idx = int(np.argmax(probs))
     label = policy.classes[idx]
     confidence = float(probs[idx])
     reasons: list[str] = []
-    if label != GOOD and confidence >= policy.class_confidence:
+    if (label != GOOD and confidence >= policy.class_confidence
+            and scores.anomaly_score >= policy.classifier_min_anomaly):
         reasons.append(REASON_DEFECT_CLASS)
     if scores.anomaly_score > policy.anomaly_threshold:
         reasons.append(REASON_ANOMALY)

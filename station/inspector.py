@@ -23,6 +23,15 @@ class Scores:
     latency_ms: dict[str, float] = field(default_factory=dict)
 
 
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities softened by a temperature: softmax(log p / T), the same as dividing the logits by T."""
+    logp = np.log(np.clip(probs, 1e-12, None)) / temperature
+    logp -= logp.max(axis=-1, keepdims=True)
+    out: np.ndarray = np.exp(logp)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
 class Inspector:
     def __init__(self, bundle: Bundle, backend: BackendSpec | str = "onnxruntime") -> None:
         m = bundle.manifest
@@ -40,6 +49,7 @@ class Inspector:
         # The classifier may take the anomaly map as evidence beside the image.
         self._classifier_takes_map = len(m.models["classifier"].inputs) == 2
         self.rotations = m.models["classifier"].rotations
+        self.temperature = m.decision.temperature
 
     def warm_up(self, runs: int = 2) -> None:
         """Run both models on blank inputs so the first bottle does not pay for lazy init."""
@@ -68,6 +78,8 @@ class Inspector:
             raise BackendError(
                 f"classifier output shape {probs.shape} does not match {len(self.classes)} classes"
             )
+        if self.temperature != 1.0:
+            probs = temper(probs, self.temperature)
         smoothed = smooth(error_map.reshape(error_map.shape[-2:]), self.params)
         score = image_score(smoothed, self.params)
         t3 = time.perf_counter()

@@ -42,8 +42,10 @@ from station.preprocess import Lighting, agreed_lighting
 from station.replay import ReplayCollector
 from station.sources.folder import load_frame
 from station.training.anomalies import simulate
+from station.training.augment import mouth_jitter
 from station.training.crossfit import CrossFit, cross_fit
-from station.training.data import Split, discover, fingerprint, stratified_split, tensors
+from station.training.data import Split, discover, fingerprint, load_inputs, stratified_split, tensors
+from station.training.decision import classifier_support, fit_temperature
 from station.training.export import INPUT_NAME, check_parity, export_onnx
 from station.training.nets import (
     AUTOENCODER_ARCH,
@@ -142,7 +144,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> torch.
 
     In the polar view (rows are angles) a turn is an exact circular shift of
     rows and a mirror a flip of the row order: no interpolation, no borders.
+    With ``photometric`` (the classifier), also the mouth located a little off
+    (station/training/augment.py) and the lighting and sensor varied.
     """
+    if photometric:
+        x = mouth_jitter(x, gen, RADIUS_MARGIN)
     out = torch.empty_like(x)
     rows = x.shape[2]
     shifts = torch.randint(0, rows, (len(x),), generator=gen)
@@ -411,6 +417,18 @@ class Prepared:
         return torch.cat([x_rgb, evidence(maps, AE_POOL)], dim=1), y
 
 
+def served_probabilities(cls_export: nn.Module, x_rgb: torch.Tensor, maps: torch.Tensor) -> Any:
+    """Class probabilities as the station computes them: averaged over the bottle's turns (NumPy)."""
+    if len(x_rgb) == 0:
+        return torch.zeros((0, len(BOTTLE_CLASSES))).numpy()
+    def turned(x: torch.Tensor, k: int) -> torch.Tensor:  # as Inspector.classifier_batches turns it
+        return torch.roll(x, k * x.shape[2] // CLASSIFIER_ROTATIONS, dims=2)
+
+    with torch.no_grad():
+        probs = [cls_export(turned(x_rgb, k), turned(maps, k)) for k in range(CLASSIFIER_ROTATIONS)]
+    return torch.stack(probs).mean(0).numpy()
+
+
 def _anomaly_params() -> AnomalyParams:
     return AnomalyParams(SMOOTHING_SIGMA, TOP_K_FRACTION, MASK_RADIUS, RADIUS_MARGIN)
 
@@ -522,6 +540,9 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     tmp.mkdir(parents=True)
     cls_export = ClassifierExport(classifier, AE_POOL).eval()
     cls_inputs = (INPUT_NAME, "anomaly_map")
+    temperature = fit_temperature(served_probabilities(cls_export, x_rgb[n:], maps[n:]), y[n:].numpy())
+    _say(f"classifier temperature {temperature.value:.3g} from {temperature.images} validation images "
+         f"(negative log-likelihood {temperature.nll_before:.3f} → {temperature.nll_after:.3f})")
     export_onnx(cls_export, (x_rgb[:1], maps[:1]), tmp / "classifier.onnx", cls_inputs, "probabilities")
     export_onnx(ae_export, (x_ae[:1],), tmp / "autoencoder.onnx", (INPUT_NAME,), "anomaly_map")
     parity_cls = check_parity(cls_export, tmp / "classifier.onnx", cls_inputs, "probabilities",
@@ -551,7 +572,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
                                 mask_radius=MASK_RADIUS, threshold=float("inf"), threshold_method="uncalibrated"),
-        decision=DecisionManifest(class_confidence=0.5),
+        decision=DecisionManifest(class_confidence=0.5, temperature=temperature.value),
         files=checksums(tmp, ["classifier.onnx", "autoencoder.onnx"]),
     )
     write_manifest(tmp, manifest)
@@ -571,8 +592,13 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     write_scores(tmp, cal_scores, threshold, method, [i.path.relative_to(root).as_posix() for i in cal_items])
     (tmp / "split.json").write_text(json.dumps(_split_record(split, root), indent=2), encoding="utf-8")
 
+    counts = {c: sum(1 for i in split.train if i.label == c) for c in classes}
+    support = classifier_support(cal_scores, counts)
+    if support.warning:
+        _say(f"warning: {support.warning}")
+
     # Evaluate the held-out split through the serving pipeline at the chosen threshold.
-    pipeline = Pipeline(load_bundle(tmp), anomaly_threshold=threshold)
+    pipeline = Pipeline(load_bundle(tmp), anomaly_threshold=threshold, classifier_min_anomaly=support.value)
     collector = ReplayCollector(classes)
     defect_scores: list[float] = []
     for frame in _frames(split.holdout, root):
@@ -606,11 +632,16 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     manifest = manifest.model_copy(update={
         "anomaly": manifest.anomaly.model_copy(update={
             "threshold": threshold, "threshold_method": method, "calibration_scores": SCORES_FILE}),
+        "decision": manifest.decision.model_copy(update={
+            "classifier_min_anomaly": support.value, "classifier_min_anomaly_quantile": support.quantile,
+            "classifier_min_anomaly_method": support.method}),
         "training": {
             "data_root": str(root.resolve()),
             "data_fingerprint": fingerprint(root, pool),
             "split": "split.json",
-            "counts": {c: sum(1 for i in split.train if i.label == c) for c in classes},
+            "counts": counts,
+            "temperature_fit": {"validation_images": temperature.images, "nll_before": temperature.nll_before,
+                                "nll_after": temperature.nll_after},
             "seed": opts.seed,
             "epochs": opts.epochs,
             "ae_steps": opts.ae_steps,

@@ -1,0 +1,52 @@
+"""Geometric augmentation of polar views: the mouth located a little off, as a drifted line locates it.
+
+The station unwraps the mouth around the circle it located; on a real line that circle is off by a
+few pixels (a chipped rim, a reflection, a bottle tilted in its puck) and its radius by a few per
+cent. Re-unwrapping every training image around a jittered circle would cost a full preprocessing
+pass per epoch; the same picture comes from the polar view itself: a point at angle θ and radius ρ
+(in rim radii) of the view unwrapped around centre c + d·R·u_φ with radius s·R lies at
+d·u_φ + ρ·s·u_θ of the original view, exactly, so one ``grid_sample`` per batch moves every channel
+(the image and the anomaly evidence alike) as the jittered unwrap would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+#: the located centre moves by up to this fraction of the rim radius, the radius by up to this factor
+CENTRE_JITTER = 0.03
+RADIUS_JITTER = 0.03
+
+
+def mouth_jitter(x: torch.Tensor, gen: torch.Generator, radius_margin: float,
+                 centre: float = CENTRE_JITTER, radius: float = RADIUS_JITTER) -> torch.Tensor:
+    """``x`` (N, C, angles, radii) as if each image's mouth had been located off by a random amount."""
+    n = len(x)
+    d = torch.rand(n, generator=gen, dtype=torch.float64) * centre
+    phi = torch.rand(n, generator=gen, dtype=torch.float64) * (2 * math.pi)
+    s = 1.0 + (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * radius
+    return reunwrap(x, d, phi, s, radius_margin)
+
+
+def reunwrap(x: torch.Tensor, d: torch.Tensor, phi: torch.Tensor, s: torch.Tensor,
+             radius_margin: float) -> torch.Tensor:
+    """Polar views ``x`` as unwrapped around centre c + d·R·(cos φ, sin φ) with radius s·R (one per image)."""
+    _, _, rows, cols = x.shape
+    theta = torch.arange(rows, dtype=torch.float64) * (2 * math.pi / rows)
+    rho = torch.arange(cols, dtype=torch.float64) * (radius_margin / cols)
+    d, phi, s = (v.to(torch.float64)[:, None, None] for v in (d, phi, s))
+    px = d * torch.cos(phi) + rho[None, None, :] * s * torch.cos(theta)[None, :, None]
+    py = d * torch.sin(phi) + rho[None, None, :] * s * torch.sin(theta)[None, :, None]
+    rho0 = torch.hypot(px, py)
+    theta0 = torch.remainder(torch.atan2(py, px), 2 * math.pi)
+    # Angles wrap: sample from three stacked copies of the rows so that a row near 0° or 360° reads
+    # its neighbours across the seam (grid_sample knows no wrap-around).
+    stacked = torch.cat([x, x, x], dim=2)
+    row = theta0 / (2 * math.pi) * rows + rows  # in the middle copy
+    gy = (row + 0.5) / (3 * rows) * 2 - 1  # align_corners=False: pixel i spans [i, i + 1)
+    gx = (rho0 / radius_margin * cols + 0.5) / cols * 2 - 1
+    grid = torch.stack([gx, gy], dim=-1).to(x.dtype)
+    return F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)

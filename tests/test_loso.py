@@ -1,0 +1,38 @@
+"""`station loso`: each style is judged by models that never saw it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_station
+
+
+def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> None:
+    out = tmp_path / "loso"
+    proc = run_station("loso", "--out", str(out), "--styles", "ring,dome", "--train-good", "6",
+                       "--train-per-class", "3", "--judge-per-class", "2", "--novel", "2", "--epochs", "1",
+                       "--ae-steps", "8", "--threads", "1", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "loso.json").read_text())
+    assert [r["left_out"] for r in record["results"]] == ["ring", "dome"]
+    for result in record["results"]:
+        left_out, trained_on = result["left_out"], result["trained_on"]
+        assert left_out not in trained_on and trained_on
+        # What the models trained on was drawn in the other styles only; what judged them in the left-out one.
+        train_styles = set(json.loads((out / "data" / f"without-{left_out}" / "synth.json").read_text())
+                           ["images"].values())
+        judge_styles = set(json.loads((out / "data" / f"judge-{left_out}" / "synth.json").read_text())
+                           ["images"].values())
+        assert train_styles == set(trained_on) and judge_styles == {left_out}
+        figures = result["figures"]
+        assert figures["images"] == 4 * 2 + 2  # every judged image went through the station, novel ones too
+        assert 0.0 <= figures["accuracy"] <= 1.0 and figures["novel"]["images"] == 2
+    table = (out / "loso.md").read_text()
+    assert table.count("\n| ring | dome |") == 1 and table.count("\n| dome | ring |") == 1
+    assert "wrote" in proc.stdout
+
+
+def test_loso_refuses_an_unknown_style(tmp_path: Path) -> None:
+    proc = run_station("loso", "--out", str(tmp_path), "--styles", "ring,neon")
+    assert proc.returncode != 0 and "neon" in proc.stderr and "Traceback" not in proc.stderr
