@@ -106,6 +106,38 @@ class AnomalyManifest(_Strict):
 
 class DecisionManifest(_Strict):
     class_confidence: float = Field(default=0.5, gt=0, le=1)
+    #: the classifier's probabilities are softened (T > 1) by this temperature, fitted on held-out
+    #: images at training (1: as the network gives them; older bundles)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    #: the anomaly score the classifier alone needs to fail a bottle (station/decide.py; 0: none)
+    classifier_min_anomaly: float = Field(default=0.0, ge=0)
+    #: the quantile of good bottles' anomaly scores it is (None: set by hand); `station calibrate`
+    #: recomputes it from the line's good bottles with the threshold
+    classifier_min_anomaly_quantile: float | None = Field(default=None, ge=0, le=1)
+    #: how classifier_min_anomaly was chosen, for the engineer reading the manifest
+    classifier_min_anomaly_method: str | None = None
+
+
+class DriftQuantity(_Strict):
+    """Reference statistics of one drift-watched quantity over the good training images (station/drift.py)."""
+
+    side: Literal["high", "low", "both"]  # which way it may drift
+    n: int = Field(ge=1)
+    median: float
+    scale: float = Field(gt=0)  # robust standard deviation (1.4826 × MAD), floored at the measurement's resolution
+    q_low: float  # the ``tail`` quantile
+    q_high: float  # the ``1 − tail`` quantile
+    source: str
+
+
+class DriftManifest(_Strict):
+    """What drift watch compares the line with; the bounds follow from these and the station's window."""
+
+    tail: float = Field(gt=0, lt=0.5)
+    z: float = Field(gt=0)
+    quantities: dict[str, DriftQuantity]
+    #: quantities without a reference, and why (too few images of the kind it needs)
+    skipped: dict[str, str] = Field(default_factory=dict)
 
 
 class Manifest(_Strict):
@@ -122,6 +154,8 @@ class Manifest(_Strict):
     decision: DecisionManifest = DecisionManifest()
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    #: drift watch's reference (None: a bundle from before drift watch; the station then does not watch)
+    drift: DriftManifest | None = None
     files: dict[str, str] = Field(default_factory=dict)  # relative path → sha256
 
     @field_validator("format")

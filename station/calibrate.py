@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from station.bundle import Bundle, checksums, write_manifest
+from station.drift import ANOMALY_SCORE, MIN_REFERENCE, SCALE_FLOOR, SIDES, reference
 from station.errors import DatasetError
 from station.frame import Frame
 from station.pipeline import Pipeline
@@ -104,11 +105,31 @@ def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float)
     files = dict(m.files)
     files.update(checksums(bundle.root, [SCORES_FILE]))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    decision = m.decision
+    q = decision.classifier_min_anomaly_quantile
+    if q is not None:  # the classifier's support moves with the line's good bottles, as the threshold does
+        decision = decision.model_copy(update={
+            "classifier_min_anomaly": float(np.quantile(np.asarray(scores, np.float64), q)),
+            "classifier_min_anomaly_method": f"{q:.0%} quantile of {len(scores)} good anomaly scores "
+                                             f"(station calibrate {stamp})"})
+    drift = m.drift
+    passing = [x for x in scores if x <= threshold]
+    if drift is not None and len(passing) >= MIN_REFERENCE:
+        # The anomaly-score drift reference is the passing good scores the threshold was set on: a line
+        # recalibrated because its scores rose would otherwise show drift for ever.
+        quantities = dict(drift.quantities)
+        quantities[ANOMALY_SCORE] = reference(passing, SIDES[ANOMALY_SCORE],
+                                              f"station calibrate {stamp}: good line images at or below the "
+                                              "threshold", SCALE_FLOOR[ANOMALY_SCORE])
+        skipped = {k: v for k, v in drift.skipped.items() if k != ANOMALY_SCORE}
+        drift = drift.model_copy(update={"quantities": quantities, "skipped": skipped})
     manifest = m.model_copy(update={
         "version": f"{m.version.split('+')[0]}+cal{stamp}",
+        "drift": drift,
         "anomaly": m.anomaly.model_copy(update={
             "threshold": threshold, "threshold_method": method, "calibration_scores": SCORES_FILE,
         }),
+        "decision": decision,
         "files": files,
     })
     tmp = bundle.root / ".manifest.yaml.tmp"

@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-per-class", type=_positive_int, default=15, help="images per class in test/")
     s.add_argument("--novel", type=_positive_int, default=0, metavar="N",
                    help="also N images of unlabelled defect kinds in test/novel (not a class; for the anomaly check)")
+    s.add_argument("--style", default="ring", metavar="NAME[,NAME…]|all",
+                   help="renderer style: ring (ring light above, the default), dome (diffuse dome light over a "
+                        "belt), backlit (light from below); a comma list cycles them image by image")
+
+    pt = sub.add_parser("perturb", help="copy an image folder as a drifted line shows it: off centre, scaled, "
+                                        "lamp gain, gamma, JPEG (masks moved with their images)")
+    pt.add_argument("--data", type=Path, required=True, help="folder to copy (MVTec layout or any images)")
+    pt.add_argument("--out", type=Path, required=True, help="new folder; same layout and file names")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--offset", type=float, default=0.0, metavar="F",
+                    help="each image off centre by up to F of its shorter side, in a random direction")
+    pt.add_argument("--offset-fixed", type=float, default=None, metavar="F",
+                    help="every image off centre by exactly F, towards --offset-angle (a moved camera mount)")
+    pt.add_argument("--offset-angle", type=float, default=0.0, metavar="DEG",
+                    help="direction of --offset-fixed, degrees (0: right, 90: down)")
+    pt.add_argument("--scale", type=float, default=0.0, metavar="F", help="scaled ×(1 ± F) about the centre")
+    pt.add_argument("--gain", type=float, default=0.0, metavar="F", help="lamp gain: intensities ×(1 ± F)")
+    pt.add_argument("--gamma", type=float, default=0.0, metavar="F", help="intensities to the power 1 ± F")
+    pt.add_argument("--jpeg", type=int, default=None, metavar="Q", help="re-encoded as JPEG at quality Q")
 
     t = sub.add_parser("train", help="train classifier + autoencoder and write an ONNX model bundle")
     t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
@@ -113,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wait-timeout", type=_positive_float, default=30.0, metavar="S")
     r.add_argument("--rate", type=_positive_float, default=None, metavar="FPS", help="pace frames at FPS")
     r.add_argument("--station-id", default="replay")
+    r.add_argument("--drift-window", type=_positive_int, default=200, metavar="N",
+                   help="drift watch over the last N bottles, in the heartbeats and the summary (0: off)")
     r.add_argument("--workers", type=int, default=0, help="inspection workers (0: one per usable core)")
     r.add_argument("--threads", type=int, default=0,
                    help="intra-op threads per model session (0: the cores shared out among the workers)")
@@ -284,6 +305,21 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_perturb(args: argparse.Namespace) -> int:
+    from station.perturb import PerturbSpec, perturb_folder
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 50 == 0:
+            print(f"\rperturb: {done}/{total} files", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    spec = PerturbSpec(seed=args.seed, offset=args.offset, offset_fixed=args.offset_fixed,
+                       offset_angle=args.offset_angle, scale=args.scale, gain=args.gain, gamma=args.gamma,
+                       jpeg=args.jpeg)
+    summary = perturb_folder(args.data, args.out, spec, progress)
+    print(f"wrote {args.out}: {summary.images} images, {summary.masks} masks, {summary.copied} other files copied")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     try:
         from station.training.train import TrainOptions, pick_device, train_bundle
@@ -400,7 +436,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     source = FolderReplaySource(args.source, bundle.manifest.classes, rate=args.rate)
     plan = parallelism.plan(args.workers, args.threads)
     parallelism.apply(plan)
-    pipeline = Pipeline(bundle, backend=_backend_spec(args, plan))
+    if 0 < args.drift_window < 20:
+        raise ConfigError(f"--drift-window {args.drift_window}: use 20 or more bottles, or 0 for no drift watch")
+    pipeline = Pipeline(bundle, backend=_backend_spec(args, plan), drift_window=args.drift_window or None)
     pipeline.warm_up()
     run_id = uuid.uuid4().hex
     publisher = VerdictPublisher(args.publish, args.station_id, run_id) if args.publish else None
@@ -431,10 +469,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     summary = collector.summary()
     summary.update(model=bundle.manifest.name, version=bundle.manifest.version, source=str(args.source),
                    run_id=run_id, counters=counters.snapshot())
+    if pipeline.drift is not None:
+        summary["drift"] = {**pipeline.drift.snapshot(), "drifting": pipeline.drift.report()}
     metrics_path = args.metrics or (args.out.with_suffix(".metrics.json") if args.out else None)
     if metrics_path:
         metrics_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(format_summary(summary))
+    if pipeline.drift is not None:
+        print(pipeline.drift.summary_line())
     if metrics_path:
         print(f"metrics written to {metrics_path}")
     return EXIT_RUNTIME if station.source_error else EXIT_OK
@@ -559,6 +601,8 @@ def _build_pipeline(config: Any, plan: Any) -> Any:
     pipeline = Pipeline(
         load_bundle(config.model), backend=backend,
         class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
+        classifier_min_anomaly=config.decision.classifier_min_anomaly,
+        drift_window=config.drift.window if config.drift.enabled else None,
     )
     pipeline.warm_up()
     return pipeline
@@ -776,6 +820,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "synth": cmd_synth,
+    "perturb": cmd_perturb,
     "train": cmd_train,
     "replay": cmd_replay,
     "subscribe": cmd_subscribe,

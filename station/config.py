@@ -144,10 +144,6 @@ class InferenceConfig(_Strict):
     threads: int = Field(default=0, ge=0, le=256)
     queue_size: int = Field(default=8, ge=1, le=10_000)
 
-
-class OutputConfig(_Strict):
-    jsonl: Path | None = None
-
     @field_validator("precision")
     @classmethod
     def _known_models(cls, v: str | dict[str, str]) -> str | dict[str, str]:
@@ -155,6 +151,18 @@ class OutputConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown model {', '.join(unknown)}; the models are classifier and autoencoder")
         return v
+
+
+class OutputConfig(_Strict):
+    jsonl: Path | None = None
+
+
+class DriftConfig(_Strict):
+    """Drift watch (station/drift.py, docs/service.md): the line compared with the bundle's training data."""
+
+    enabled: bool = True
+    #: bottles per rolling window; the bounds widen for a shorter one (its median is less certain)
+    window: int = Field(default=200, ge=20, le=100_000)
 
 
 class StationConfig(_Strict):
@@ -167,6 +175,7 @@ class StationConfig(_Strict):
     inference: InferenceConfig = InferenceConfig()
     decision: DecisionConfig = DecisionConfig()
     output: OutputConfig = OutputConfig()
+    drift: DriftConfig = DriftConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("source", mode="before")

@@ -27,6 +27,7 @@ import structlog
 
 from station.counters import Counters
 from station.decide import FAIL, PASS, REASON_SHUTDOWN, SKIPPED
+from station.drift import DriftWatch
 from station.errors import StationError
 from station.pipeline import REASON_INFERENCE, Pipeline
 from station.publish import VerdictPublisher
@@ -205,15 +206,33 @@ class Station:
             "queues": {"inspect": self._inspect_q.qsize(), "publish": self._publish_q.qsize()},
             "model": dict(self.pipeline.model),
             "camera": self.camera_health(),
+            "drift": self.drift_snapshot(),
         }
+
+    def _drift_watch(self) -> DriftWatch | None:
+        # The pipeline's: a reload brings the new bundle's reference with it. Stand-in pipelines
+        # (tests, tools) may have none.
+        return getattr(self.pipeline, "drift", None)
+
+    def drift_report(self) -> dict[str, Any] | None:
+        """The heartbeat's ``drift``: None while nothing drifts (or the watch is off)."""
+        watch = self._drift_watch()
+        return watch.report() if watch is not None else None
+
+    def drift_snapshot(self) -> dict[str, Any] | None:
+        """Every watched quantity, for the metrics; None when the watch is off."""
+        watch = self._drift_watch()
+        return watch.snapshot() if watch is not None else None
 
     def _status_line(self) -> str:
         c = self.counters
         camera = self.camera_health()
         cam = f", camera {camera['state']}" if camera else ""
+        watch = self._drift_watch()
+        drift = watch.status_text() if watch is not None else ""
         return (f"{self.effective_state}{cam}: inspected {c.inspected}, failed {c.failed}, skipped {c.skipped}, "
                 f"errors {c.errors}, {self.fps():.1f} fps, model {self.pipeline.model['name']} "
-                f"{self.pipeline.model['version']}")
+                f"{self.pipeline.model['version']}{drift}")
 
     def _start_reload(self) -> None:
         if self.reloader is None or (self._reload_thread and self._reload_thread.is_alive()):
@@ -242,7 +261,10 @@ class Station:
     def _heartbeat(self) -> None:
         if self.publisher is not None:
             s = self.snapshot()
-            extra = {"camera": s["camera"]} if s["camera"] is not None else None
+            # Drift is a warning beside the state, never a state of its own: the verdicts stay valid.
+            extra: dict[str, Any] = {"drift": self.drift_report()}
+            if s["camera"] is not None:
+                extra["camera"] = s["camera"]
             self.publisher.heartbeat(s["state"], s["counters"], s["fps"], extra)
 
     def run(self, stop: threading.Event, finish_now: threading.Event | None = None) -> Counters:

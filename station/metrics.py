@@ -58,11 +58,37 @@ class _StationCollector(Collector):
                                    ("grab_failed", "Frames the camera announced but could not deliver")):
                 yield CounterMetricFamily(f"station_camera_{key.removeprefix('camera_')}", help_text,
                                           value=camera[key])
+        yield from _drift_metrics(s.get("drift"))
         archive = s.get("archive")
         if archive is not None:
             for key, value in archive.items():
                 kind = GaugeMetricFamily if key in ("files", "bytes", "queue") else CounterMetricFamily
                 yield kind(f"station_archive_{key}", f"Reject archive: {key}", value=value)
+
+
+def _drift_metrics(drift: dict[str, Any] | None) -> Iterator[Metric]:
+    """Drift watch: one series per watched quantity, so an alert can name the quantity that moved."""
+    yield GaugeMetricFamily("station_drift_watch", "1 while drift watch runs (0: off, or a bundle without a "
+                                                   "drift reference)", value=0.0 if drift is None else 1.0)
+    if drift is None:
+        return
+    flag = GaugeMetricFamily("station_drift", "1 while the quantity's window median is past its bound",
+                             labels=["quantity"])
+    value = GaugeMetricFamily("station_drift_value", "Window median of the quantity (once judged)",
+                              labels=["quantity"])
+    bound = GaugeMetricFamily("station_drift_bound", "The bound the window median is held to",
+                              labels=["quantity", "side"])
+    samples = GaugeMetricFamily("station_drift_samples", "Values in the quantity's window", labels=["quantity"])
+    for name, q in drift["quantities"].items():
+        flag.add_metric([name], 1.0 if q["drifting"] else 0.0)
+        if q["value"] is not None:
+            value.add_metric([name], q["value"])
+        for side in ("low", "high"):
+            if q[side] is not None:
+                bound.add_metric([name, side], q[side])
+        samples.add_metric([name], q["samples"])
+    yield from (flag, value, bound, samples)
+    yield GaugeMetricFamily("station_drift_window", "Drift watch window length (bottles)", value=drift["window"])
 
 
 class StationMetrics:

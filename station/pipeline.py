@@ -6,10 +6,12 @@ import time
 
 from station.backends import BackendSpec
 from station.bundle import Bundle
-from station.decide import Policy, decide
+from station.decide import PASS, Policy, decide
+from station.drift import DriftWatch, Sample, view_measures, watch_for
 from station.errors import FrameError, StationError
 from station.frame import Frame
 from station.inspector import Inspector
+from station.mvtec import GOOD
 from station.preprocess import preprocess
 from station.verdict import Verdict, error_verdict
 
@@ -23,7 +25,11 @@ class Pipeline:
         backend: BackendSpec | str = "onnxruntime",
         class_confidence: float | None = None,
         anomaly_threshold: float | None = None,
+        classifier_min_anomaly: float | None = None,
+        drift_window: int | None = None,
     ) -> None:
+        """``drift_window``: compare what the bundle was trained on with what this pipeline sees, over
+        this many bottles (station/drift.py); None (training, evaluation, benchmarks): no drift watch."""
         m = bundle.manifest
         self.bundle = bundle
         self.inspector = Inspector(bundle, backend)
@@ -33,8 +39,13 @@ class Pipeline:
             anomaly_threshold=anomaly_threshold if anomaly_threshold is not None else m.anomaly.threshold,
             canonical_size=m.canonical_size,
             radius_margin=m.view.radius_margin,
+            classifier_min_anomaly=(classifier_min_anomaly if classifier_min_anomaly is not None
+                                    else m.decision.classifier_min_anomaly),
         )
         self.model = {"name": m.name, "version": m.version}
+        self.drift: DriftWatch | None = (
+            watch_for(m.drift, drift_window, bundle.label) if drift_window is not None else None
+        )
 
     def warm_up(self) -> None:
         self.inspector.warm_up()
@@ -59,6 +70,12 @@ class Pipeline:
         except (StationError, ValueError, RuntimeError) as exc:
             # Fail-safe: an inspection that breaks is a failed bottle, not a crashed line.
             return error_verdict(frame, REASON_INFERENCE, str(exc), self.model)
+        if self.drift is not None:
+            passed = decision.verdict == PASS
+            offset, radius, brightness, contrast = view_measures(inputs, self.inspector.preprocess_spec)
+            self.drift.observe(Sample(offset, radius, brightness, contrast,
+                                      decision.anomaly_score if passed else None,
+                                      decision.scores.get(GOOD) if passed else None))
         latency["preprocess"] = (t1 - t0) * 1e3
         latency.update(scores.latency_ms)
         latency["decide"] = (t3 - t2) * 1e3

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 
@@ -56,9 +57,32 @@ def test_calibrate_rewrites_threshold_and_keeps_bundle_valid(bundle: Path, eval_
     assert after["anomaly"]["threshold"] == pytest.approx(expected)
     assert after["anomaly"]["threshold"] != before["anomaly"]["threshold"]
     assert "+cal" in after["version"] and "target false-reject rate 0.05" in after["anomaly"]["threshold_method"]
+    # The classifier's anomaly support is recomputed from the same good bottles, at the bundle's quantile.
+    q = before["decision"]["classifier_min_anomaly_quantile"]
+    assert after["decision"]["classifier_min_anomaly"] == pytest.approx(np.quantile(record["good_scores"], q))
     # The rewritten bundle still verifies (checksums updated) and serves.
     proc = run_station("evaluate", "--model", str(copy))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_calibrate_refreshes_drift_watchs_anomaly_reference(bundle: Path, synth_root: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    before = yaml.safe_load((copy / "manifest.yaml").read_text())["drift"]["quantities"]["anomaly_score"]
+    proc = run_station("calibrate", "--model", str(copy), "--good", str(synth_root / "train" / "good"))
+    assert proc.returncode == 0, proc.stderr
+    after = yaml.safe_load((copy / "manifest.yaml").read_text())
+    record = json.loads((copy / "calibration" / "anomaly_scores.json").read_text())
+    # The reference is now the passing ones among the scores the new threshold was set on.
+    passing = [s for s in record["good_scores"] if s <= after["anomaly"]["threshold"]]
+    ref = after["drift"]["quantities"]["anomaly_score"]
+    assert len(passing) >= 5 and ref["n"] == len(passing) != before["n"]
+    assert ref["median"] == pytest.approx(np.median(passing)) and "station calibrate" in ref["source"]
+    assert after["drift"]["quantities"]["mouth_offset"] == before_geometry(copy, bundle)
+
+
+def before_geometry(_copy: Path, original: Path) -> dict[str, object]:
+    return dict(yaml.safe_load((original / "manifest.yaml").read_text())["drift"]["quantities"]["mouth_offset"])
 
 
 def test_calibrate_refuses_an_empty_folder(bundle: Path, tmp_path: Path) -> None:

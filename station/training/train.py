@@ -34,6 +34,7 @@ from station.bundle import (
     write_manifest,
 )
 from station.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
+from station.drift import drift_reference
 from station.errors import DatasetError
 from station.frame import Frame
 from station.mvtec import BOTTLE_CLASSES, GOOD, LabelledImage
@@ -658,6 +659,9 @@ def train_bundle(opts: TrainOptions) -> Manifest:
             "torch": torch.__version__,
         },
         "metrics": metrics,
+        # Drift watch's reference (station/drift.py): the good images measured by the serving code.
+        "drift": drift_reference(pipeline, [i.path for i in pool if i.label == GOOD],
+                                 [i.path for i in split.holdout if i.label == GOOD], cal_scores, threshold),
         "files": checksums(tmp, ["classifier.onnx", "autoencoder.onnx", "split.json",
                                  SCORES_FILE]),
     })
