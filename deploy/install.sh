@@ -3,7 +3,7 @@
 #   $PREFIX/venv            the station and its serving dependencies (no torch)
 #   $PREFIX/models/current  the model bundle given with --bundle
 #   /etc/station/station.yaml  from deploy/station.example.yaml, never overwriting an existing one
-#   $UNITDIR/station.service, station@.service
+#   $UNITDIR/station.service, station@.service, station-ui.service (the operator's page, docs/ui.md)
 # With DESTDIR set, everything goes under DESTDIR (a package build or a test) and
 # nothing is done to the running system: no user is created, systemd is not told.
 #
@@ -122,6 +122,9 @@ for unit in station.service station@.service; do
     chmod 0644 "$root$UNITDIR/$unit.d/gpu.conf"
   fi
 done
+# The operator's page: its own unit, never the GPU drop-in (it runs no model).
+sed "s|/opt/station/|$PREFIX/|g" "$src/systemd/station-ui.service" > "$root$UNITDIR/station-ui.service"
+chmod 0644 "$root$UNITDIR/station-ui.service"
 
 if [ -z "$root" ]; then
   if [ "$(id -u)" -eq 0 ]; then
@@ -138,6 +141,7 @@ if [ -z "$root" ]; then
     systemctl daemon-reload 2>/dev/null || true
   fi
   echo "install.sh: done. Edit $CONFDIR/station.yaml, then: systemctl enable --now station"
+  echo "install.sh: the operator's page: systemctl enable --now station-ui (http://127.0.0.1:8080/, docs/ui.md)"
 else
   echo "install.sh: staged under $root"
 fi

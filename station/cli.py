@@ -782,8 +782,32 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_RUNTIME
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from station.ui.cli import main as ui_main
+
+    return ui_main(args.ui_args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from station.export import export, format_parity, parity, per_file_configs
+
+    def say(msg: str) -> None:
+        print(f"export: {msg}", file=sys.stderr)
+
+    bundle = export(args.model, args.precision, args.calibration, progress=say)
+    for role in ("autoencoder", "classifier"):
+        path = bundle.model_path(role, args.precision)
+        print(f"{role}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if args.check is None:
+        return EXIT_OK
+    figures = parity(bundle, args.check, per_file_configs(bundle), progress=say)
+    for line in format_parity(figures):
+        print(line)
+    return EXIT_OK if all(c["ok"] for c in figures["configs"].values()) else EXIT_RUNTIME
+
+
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from station.backends import ROLES
+    from station.backends import ROLES, parse_precision
     from station.backends.engine_cache import EngineCache, EngineKey
     from station.backends.gpu import probe
     from station.bundle import load_bundle

@@ -25,7 +25,8 @@ def _install(tmp_path: Path, name: str) -> Path:
 
 
 @pytest.mark.parametrize(("unit", "instance"), [("station.service", "station.service"),
-                                                ("station@.service", "station@cam1.service")])
+                                                ("station@.service", "station@cam1.service"),
+                                                ("station-ui.service", "station-ui.service")])
 def test_verify_prints_nothing(tmp_path: Path, unit: str, instance: str) -> None:
     _install(tmp_path, unit)
     # verify exits 0 on unknown keys and bad values and only warns: any output is a failure.
@@ -36,7 +37,8 @@ def test_verify_prints_nothing(tmp_path: Path, unit: str, instance: str) -> None
 
 
 @pytest.mark.parametrize(("unit", "instance"), [("station.service", "station.service"),
-                                                ("station@.service", "station@cam1.service")])
+                                                ("station@.service", "station@cam1.service"),
+                                                ("station-ui.service", "station-ui.service")])
 def test_security_exposure_at_most_3(tmp_path: Path, unit: str, instance: str) -> None:
     _install(tmp_path, unit)
     proc = subprocess.run([str(ANALYZE), "security", "--offline=true", str(tmp_path / instance)],
