@@ -3,6 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
+# The operator page's browser tests drive Debian's chromium (Playwright's own browser download is not used).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null
+fi
+# The MES recorder's PostgreSQL tests and the MQTT bridge's tests start real servers: Debian's postgresql and mosquitto.
+need=""
+{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || need="$need postgresql"
+{ command -v mosquitto || [ -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || need="$need mosquitto"
+if [ -n "$need" ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need; } >/dev/null
+fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[train,camera,bridges,dev]' 2> >(grep -v '^WARNING: Location' >&2)
 # TensorRT's API surface for mypy (TensorRT itself installs only from NVIDIA's index).
 .venv/bin/python deploy/tensorrt_stubs.py .venv/tensorrt-stubs 2> >(grep -v '^WARNING: Location' >&2)

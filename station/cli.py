@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 import threading
 import time
@@ -42,6 +43,11 @@ def _instant(text: str) -> str:
         return iso_utc_ceil_ms(parse_instant(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _db_target(text: str) -> Path | str:
+    """A PostgreSQL URL as given, anything else as the SQLite file's path."""
+    return text if text.startswith(("postgresql://", "postgres://")) else Path(text)
 
 
 def _positive_float(text: str) -> float:
@@ -176,15 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
     mb = bridges.add_parser("modbus", help="Modbus TCP server: reject coil, vision handshake, counter registers")
     mb.add_argument("--listen", default="0.0.0.0:5020", metavar="HOST:PORT")
     mb.add_argument("--unit", type=_positive_int, default=1, help="Modbus unit (slave) id (0: answer every unit id)")
-    me = bridges.add_parser("mes", help="append every verdict to SQLite, with gaps recorded")
-    me.add_argument("--db", type=Path, required=True, help="SQLite file (created if missing)")
-    for bp in (ou, mb, me):
-        bp.add_argument("--connect", required=True, metavar="ENDPOINT", help="the station's verdict endpoint")
+    me = bridges.add_parser("mes", help="append every verdict to SQLite or PostgreSQL, with gaps recorded")
+    me.add_argument("--db", type=_db_target, required=True,
+                    help="SQLite file (created if missing) or postgresql://user@host/db (schema created)")
+    me.add_argument("--spool", type=Path, default=None, metavar="DIR",
+                    help="PostgreSQL only: hold verdicts here while the database is unreachable")
+    me.add_argument("--spool-max-mb", type=_positive_float, default=1024.0, metavar="N",
+                    help="spool bound; a full spool stops the recorder with an error naming the file")
+    me.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                    help="PostgreSQL only: serve Prometheus metrics (degraded, rows, lag, spool bytes)")
+    me.add_argument("--retention-days", type=_positive_int, default=None,
+                    help="PostgreSQL with TimescaleDB only: drop verdict chunks older than this")
+    mt = bridges.add_parser("mqtt", help="verdicts and station state to an MQTT broker: plain JSON or Sparkplug B")
+    mt.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port, or mqtts://host:port for TLS")
+    mt.add_argument("--mode", choices=["json", "sparkplug"], default="json")
+    mt.add_argument("--prefix", default="station", help="json mode: topics are PREFIX/<station>/verdict|state")
+    mt.add_argument("--group", default="bottling", help="sparkplug mode: the Sparkplug group id")
+    mt.add_argument("--node", default=socket.gethostname(), help="sparkplug mode: the edge node id (the bridge)")
+    mt.add_argument("--client-id", default=None, help="MQTT client id (default: station-bridge-NODE)")
+    mt.add_argument("--username", default=None)
+    mt.add_argument("--password-file", type=Path, default=None, help="file holding the password (not on argv)")
+    mt.add_argument("--tls-ca", type=Path, default=None, help="CA bundle that signed the broker's certificate")
+    mt.add_argument("--tls-cert", type=Path, default=None, help="client certificate, for brokers that ask for one")
+    mt.add_argument("--tls-key", type=Path, default=None)
+    mt.add_argument("--keepalive", type=_positive_int, default=15, help="seconds; the will fires after 1.5x")
+    for bp in (ou, mb, me, mt):
+        many = bp in (me, mt)
+        bp.add_argument("--connect", required=True, metavar="ENDPOINT", action="append" if many else "store",
+                        help="the station's verdict endpoint" + (" (repeat for several stations)" if many else ""))
         bp.add_argument("--station-id", default=None, help="only this station (default: all)")
         _add_feed_args(bp)
 
-    mq = sub.add_parser("mes-query", help="query the MES recorder's SQLite file: verdicts, counts, gaps")
-    mq.add_argument("--db", type=Path, required=True)
+    ps = sub.add_parser("plantsim", help="load test: simulated stations into one PostgreSQL recorder (and MQTT)")
+    ps.add_argument("--db", required=True, help="postgresql://… (the recorder's database)")
+    ps.add_argument("--broker", default=None, metavar="URL", help="also run an MQTT bridge to mqtt://host:port")
+    ps.add_argument("--stations", type=_positive_int, default=20)
+    ps.add_argument("--rate", type=_positive_float, default=60.0, help="verdicts per second per station")
+    ps.add_argument("--count", type=_positive_int, default=600, help="verdicts per station")
+    ps.add_argument("--json", action="store_true", help="print the report as one JSON object too")
+
+    mq = sub.add_parser("mes-query", help="query the MES recorder's database: verdicts, counts, gaps")
+    mq.add_argument("--db", type=_db_target, required=True, help="SQLite file or postgresql://… URL")
     mq.add_argument("--verdict", choices=["pass", "fail", "skipped"], default=None)
     mq.add_argument("--since", type=_instant, default=None, metavar="ISO8601",
                     help="captured at or after this time (any ISO-8601 offset; none means UTC)")
@@ -562,7 +600,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-BRIDGE_EXTRA = {"opcua": "asyncua", "modbus": "pymodbus", "mes": None}
+BRIDGE_EXTRA = {"opcua": "asyncua", "modbus": "pymodbus", "mes": None, "mqtt": "paho"}
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
@@ -575,7 +613,19 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     if needed is not None and importlib.util.find_spec(needed) is None:
         raise MissingDependencyError(f"the {args.bridge} bridge needs {needed}: pip install 'station[bridges]'")
     module = importlib.import_module(f"station.bridges.{args.bridge}")
-    feed = VerdictFeed(args.connect, station=args.station_id, curve=_client_keys(args))
+    feed: VerdictFeed
+    if args.bridge in ("mes", "mqtt"):
+        from station.bridges.mes_recorder import MultiFeed
+
+        if args.bridge == "mes" and isinstance(args.db, str):
+            module = importlib.import_module("station.bridges.mes_recorder")
+        elif args.bridge == "mes" and (args.spool is not None or args.metrics is not None):
+            raise ConfigError("--spool and --metrics need --db postgresql://…; the SQLite file is local")
+        endpoints: list[str] = args.connect
+        args.connect = endpoints[0] if len(endpoints) == 1 else endpoints
+        feed = MultiFeed(endpoints, station=args.station_id, curve=_client_keys(args))
+    else:
+        feed = VerdictFeed(args.connect, station=args.station_id, curve=_client_keys(args))
     with ShutdownSignals() as signals:
         try:
             rc: int = module.run(args, feed, signals.stop)
@@ -584,9 +634,30 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_plantsim(args: argparse.Namespace) -> int:
+    from station.bridges.mes_pg import is_pg_url
+    from station.plantsim import plantsim
+
+    if not is_pg_url(args.db):
+        raise ConfigError(f"--db {args.db!r}: plantsim needs a postgresql://… URL")
+    report = plantsim(args.stations, args.rate, args.count, args.db, args.broker, sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    ok = report["rows_written"] == report["published"] and report["gaps"] == 0
+    return EXIT_OK if ok else EXIT_RUNTIME
+
+
 def cmd_mes_query(args: argparse.Namespace) -> int:
     from station.bridges.mes import query
 
+    if isinstance(args.db, str):
+        from station.bridges.mes_pg import query_rows
+
+        rows = query_rows(args.db, args)
+        for d in rows:
+            print(json.dumps(d) if args.json else "  ".join("" if v is None else str(v) for v in d.values()))
+        print(f"mes-query: {len(rows)} rows", file=sys.stderr)
+        return EXIT_OK
     return query(args)
 
 
@@ -858,6 +929,9 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keys": cmd_keys,
     "bridge": cmd_bridge,
     "mes-query": cmd_mes_query,
+    "plantsim": cmd_plantsim,
+    "ui": cmd_ui,
+    "loso": lambda args: args.func(args),
 }
 
 
