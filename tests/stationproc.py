@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,14 @@ class StationProcess:
             self.proc.communicate()
         self._reader.join()
         self.sub.close()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The station's Prometheus endpoint as {series with labels: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out

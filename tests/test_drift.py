@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -20,21 +19,11 @@ from station.drift import MOUTH_OFFSET, TAIL, Side, Z, band
 from station.imageio import read_image
 from station.preprocess import Normalisation, PreprocessSpec, canonical_view, locate_mouth
 from tests.conftest import free_endpoint, run_station
-from tests.stationproc import StationProcess
+from tests.stationproc import StationProcess, scrape_metrics
 from tests.test_daemon_service import NotifySocket
 
 DEFAULT_WINDOW = 200  # station/config.py DriftConfig.window
 HEARTBEAT_SCHEMA = json.loads((Path(__file__).parents[1] / "station/schemas/heartbeat-1.schema.json").read_text())
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def _port() -> int:
@@ -197,7 +186,7 @@ def test_a_bundle_without_drift_reference_runs_unwatched_and_says_so_once(bundle
             shutil.copy(image, incoming / f"{n}.png")
         station.wait_verdicts(3)
         beat = station.wait_heartbeat(lambda h: h["counters"]["published"] == 3)
-        m = _scrape(port)
+        m = scrape_metrics(port)
         rc, _, err = station.terminate()
     finally:
         station.close()
@@ -232,7 +221,7 @@ def test_a_line_moved_off_centre_raises_drift_in_heartbeat_status_metrics_and_lo
     try:
         verdicts = station.wait_verdicts(len(images), timeout_s=180)
         beat = station.wait_heartbeat(lambda h: h["counters"]["published"] == len(images))
-        m = _scrape(port)
+        m = scrape_metrics(port)
         statuses = notify.wait_for("DRIFT mouth_offset")
         rc, _, err = station.terminate()
     finally:
@@ -300,7 +289,7 @@ def test_a_clean_line_of_500_bottles_never_raises_drift_at_the_default_window(
     try:
         station.wait_verdicts(len(images), timeout_s=900)
         station.wait_heartbeat(lambda h: h["counters"]["published"] == len(images))
-        m = _scrape(port)
+        m = scrape_metrics(port)
         rc, _, err = station.terminate()
     finally:
         station.close()

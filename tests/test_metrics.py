@@ -4,21 +4,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import urllib.request
 from pathlib import Path
 
 from tests.conftest import free_endpoint, run_station
-from tests.stationproc import StationProcess
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+from tests.stationproc import StationProcess, scrape_metrics
 
 
 def test_scrape_counts_every_verdict_by_result_and_class(bundle: Path, eval_root: Path, tmp_path: Path) -> None:
@@ -36,7 +25,7 @@ def test_scrape_counts_every_verdict_by_result_and_class(bundle: Path, eval_root
             shutil.copy(image, incoming / f"{n:03d}.png")
         verdicts = station.wait_verdicts(len(images) + 1)
         station.wait_heartbeat(lambda h: h["counters"]["published"] == len(verdicts))
-        m = _scrape(port)
+        m = scrape_metrics(port)
         rc, _, err = station.terminate()
     finally:
         station.close()

@@ -200,10 +200,16 @@ def query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _select(db: sqlite3.Connection, args: argparse.Namespace) -> list[sqlite3.Row]:
-    where, params = [], []
+def query_sql(args: Any, placeholder: str, instant_cast: str = "") -> tuple[str, list[Any]]:
+    """mes-query's SELECT and its parameters, for either back-end (SQLite ``?``, PostgreSQL ``%s``).
+
+    ``instant_cast`` follows a time parameter (``::timestamptz`` on PostgreSQL, where times are typed;
+    SQLite compares the canonical text the recorder stores).
+    """
+    where: list[str] = []
+    params: list[Any] = []
     if args.run_id:
-        where.append("run_id = ?")
+        where.append(f"run_id = {placeholder}")
         params.append(args.run_id)
     if args.gaps:
         sql = "SELECT station, run_id, first_seq, last_seq, missed, detected_at FROM gaps"
@@ -212,7 +218,7 @@ def _select(db: sqlite3.Connection, args: argparse.Namespace) -> list[sqlite3.Ro
         for column, value, op in (("verdict", args.verdict, "="), ("captured_at", args.since, ">="),
                                   ("captured_at", args.until, "<")):
             if value:
-                where.append(f"{column} {op} ?")
+                where.append(f"{column} {op} {placeholder}" + (instant_cast if column == "captured_at" else ""))
                 params.append(value)
         if args.summary:
             sql = ("SELECT station, run_id, verdict, COUNT(*) AS count, MIN(seq) AS first_seq, "
@@ -224,5 +230,9 @@ def _select(db: sqlite3.Connection, args: argparse.Namespace) -> list[sqlite3.Ro
             order = " ORDER BY captured_at, seq"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += order + (f" LIMIT {int(args.limit)}" if args.limit else "")
+    return sql + order + (f" LIMIT {int(args.limit)}" if args.limit else ""), params
+
+
+def _select(db: sqlite3.Connection, args: argparse.Namespace) -> list[sqlite3.Row]:
+    sql, params = query_sql(args, "?")
     return db.execute(sql, params).fetchall()

@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from station.bridges.mes import query_sql
 from station.bridges.spool import Received
 from station.errors import ConfigError, MissingDependencyError, StationError
 from station.timefmt import parse_instant
@@ -317,30 +318,7 @@ def query_rows(url: str, args: Any) -> list[dict[str, Any]]:
     psycopg, _ = _psycopg()
     from psycopg.rows import dict_row
 
-    where, params = [], []
-    if args.run_id:
-        where.append("run_id = %s")
-        params.append(args.run_id)
-    if args.gaps:
-        sql = "SELECT station, run_id, first_seq, last_seq, missed, detected_at FROM gaps"
-        order = " ORDER BY id"
-    else:
-        for column, value, op in (("verdict", args.verdict, "="), ("captured_at", args.since, ">="),
-                                  ("captured_at", args.until, "<")):
-            if value:
-                where.append(f"{column} {op} %s" + ("::timestamptz" if column == "captured_at" else ""))
-                params.append(value)
-        if args.summary:
-            sql = ("SELECT station, run_id, verdict, COUNT(*) AS count, MIN(seq) AS first_seq, "
-                   "MAX(seq) AS last_seq FROM verdicts")
-            order = " GROUP BY station, run_id, verdict ORDER BY MIN(received_at), verdict"
-        else:
-            sql = ("SELECT station, run_id, seq, captured_at, verdict, reasons, class_label, confidence, "
-                   "anomaly_score, frame_id FROM verdicts")
-            order = " ORDER BY captured_at, seq"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += order + (f" LIMIT {int(args.limit)}" if args.limit else "")
+    sql, params = query_sql(args, "%s", "::timestamptz")
     try:
         with psycopg.connect(url, connect_timeout=10, row_factory=dict_row) as conn:
             rows = conn.execute(sql, params).fetchall()
