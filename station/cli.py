@@ -853,6 +853,12 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_RUNTIME
 
 
+def cmd_loso(args: argparse.Namespace) -> int:
+    from station.training.loso import cmd_loso as run
+
+    return run(args)
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from station.ui.cli import main as ui_main
 
@@ -931,7 +937,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mes-query": cmd_mes_query,
     "plantsim": cmd_plantsim,
     "ui": cmd_ui,
-    "loso": lambda args: args.func(args),
+    "loso": cmd_loso,
 }
 
 

@@ -10,7 +10,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,7 +197,6 @@ def test_drift_gaps_and_counters_from_a_real_publisher(tmp_path: Path) -> None:
         publisher.close()
         summary = ui.wait("silence noticed", lambda s: s["contact"]["lost"], timeout_s=15)
         assert any(b["kind"] == "lost" for b in summary["banners"])
-        time.sleep(0.1)
     finally:
         ui.close()
 

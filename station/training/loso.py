@@ -129,7 +129,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=_count0, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--left-out", default=None, metavar="NAME[,NAME…]",
                    help="leave out only these styles (default: each in turn), e.g. to run the folds in parallel")
-    p.set_defaults(func=cmd_loso)
 
 
 def cmd_loso(args: argparse.Namespace) -> int:
