@@ -37,12 +37,12 @@ for name in ("tensorrt", "pycuda.driver", "onnxruntime", "torch"):
         print(f"{name}: {getattr(m, '__version__', 'present')}")
     except Exception as exc:
         print(f"{name}: not available ({exc})")
-from station.backends import choose
+from station.core.backends import choose
 c = choose("auto")
 print(f"backend auto -> {c.name}: {c.reason}")
 try:
     import tensorrt as trt
-    from station.backends.gpu import tensorrt_release
+    from station.core.backends.gpu import tensorrt_release
     major, minor = tensorrt_release(str(trt.__version__))
     note = ("the flag is a no-op there: TensorRT 11 has only strongly typed networks" if major >= 11
             else "TensorRT 10.x: no BuilderFlag.FP16/INT8, no calibrator")

@@ -77,7 +77,7 @@ if [ -n "$SYSTEM_SITE" ]; then
 fi
 if [ -n "$GPU" ] && [ -z "$root" ]; then
   # The TensorRT the venv sees (PyPI's, or JetPack's) must be one the build path supports: 10.3 on.
-  if ! "$venv/bin/python" -c 'from station.backends.gpu import tensorrt_module, tensorrt_release
+  if ! "$venv/bin/python" -c 'from station.core.backends.gpu import tensorrt_module, tensorrt_release
 t = tensorrt_module(); major, minor = tensorrt_release(str(t.__version__))
 print(f"install.sh: TensorRT {t.__version__} (major {major}): engines are built strongly typed")'; then
     echo "install.sh: no supported TensorRT in $venv (see above and docs/jetson.md: JetPack 6 or later;" \

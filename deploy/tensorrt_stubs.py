@@ -2,7 +2,7 @@
 """Install TensorRT's type stubs where only mypy reads them, and patch what Python cannot parse.
 
 TensorRT itself cannot be installed on a machine without NVIDIA's package index, so CI checks
-station/backends/tensorrt*.py against the generated stubs of ``tensorrt-stubs`` (the TensorRT 10.13
+station/core/backends/tensorrt*.py against the generated stubs of ``tensorrt-stubs`` (the TensorRT 10.13
 API). The stubs are installed with ``--no-deps --target DIR`` rather than into the venv: they
 ship a ``tensorrt/`` folder of ``.pyi`` files only, which Python would import as an empty namespace
 package and so make TensorRT look installed. mypy finds them through ``mypy_path``.

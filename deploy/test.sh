@@ -21,5 +21,5 @@ fi
 .venv/bin/python -m mypy
 # The same TensorRT code against TensorRT 11's API: stubs made once from NVIDIA's 11.x bindings wheel
 # (PyPI), kept in .venv/tensorrt11; a name 11.x removed, outside an `if TENSORRT_10:` branch, fails here.
-.venv/bin/python deploy/tensorrt11_check.py station/backends 2> >(grep -v '^WARNING: Location' >&2)
+.venv/bin/python deploy/tensorrt11_check.py station/core/backends 2> >(grep -v '^WARNING: Location' >&2)
 exec .venv/bin/python -m pytest -q "$@"

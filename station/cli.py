@@ -25,7 +25,7 @@ from station.errors import (
     MissingDependencyError,
     StationError,
 )
-from station.signals import ShutdownSignals
+from station.service.signals import ShutdownSignals
 
 
 def _positive_int(text: str) -> int:
@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
 
 def _instant(text: str) -> str:
     """An ISO-8601 time as the recorder stores them (UTC, milliseconds), so they compare as instants."""
-    from station.timefmt import iso_utc_ceil_ms, parse_instant
+    from station.contract.timefmt import iso_utc_ceil_ms, parse_instant
 
     try:
         return iso_utc_ceil_ms(parse_instant(text))
@@ -299,7 +299,7 @@ def _add_feed_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client_keys(args: argparse.Namespace) -> Any:
-    from station.security import ClientKeys
+    from station.service.security import ClientKeys
 
     if (args.curve_server_key is None) != (args.curve_client_key is None):
         raise ConfigError("--curve-server-key and --curve-client-key go together")
@@ -314,7 +314,7 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _backend_spec(args: argparse.Namespace, plan: Any, precision: str | None = None) -> Any:
-    from station.backends import BackendSpec
+    from station.core.backends import BackendSpec
 
     return BackendSpec(args.backend, threads=plan.threads_per_session, precision=precision or args.precision,
                        slots=plan.workers)
@@ -324,7 +324,7 @@ def _backend_spec(args: argparse.Namespace, plan: Any, precision: str | None = N
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from station.synth import parse_styles, write_dataset
+    from station.tools.synth import parse_styles, write_dataset
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 20 == 0:
@@ -344,7 +344,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_perturb(args: argparse.Namespace) -> int:
-    from station.perturb import PerturbSpec, perturb_folder
+    from station.tools.perturb import PerturbSpec, perturb_folder
 
     def progress(done: int, total: int) -> None:
         if done == total or done % 50 == 0:
@@ -388,10 +388,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from station.bundle import load_bundle
-    from station.evaluate import check_lines, folder_items, holdout_items, metrics, run_evaluation, write_report
-    from station.evaluation import format_confusion
-    from station.pipeline import Pipeline
+    from station.core.accuracy import format_confusion
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.tools.evaluate import check_lines, folder_items, holdout_items, metrics, run_evaluation, write_report
 
     bundle = load_bundle(args.model)
     items = folder_items(args.data, bundle.manifest.classes) if args.data else holdout_items(bundle)
@@ -425,10 +425,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from station.bundle import load_bundle
-    from station.calibrate import recalibrate
-    from station.mvtec import list_images
+    from station.core.bundle import load_bundle
+    from station.core.folders import list_images
     from station.sources.folder import load_frame
+    from station.tools.calibrate import recalibrate
 
     bundle = load_bundle(args.model)
     if not args.good.is_dir():
@@ -461,12 +461,12 @@ class JsonlSink:
 def cmd_replay(args: argparse.Namespace) -> int:
     import structlog
 
-    from station import parallelism
-    from station.bundle import load_bundle
-    from station.daemon import Station
-    from station.pipeline import Pipeline
-    from station.publish import VerdictPublisher
-    from station.replay import ReplayCollector, format_summary
+    from station.core import parallelism
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.service.daemon import Station
+    from station.service.publish import VerdictPublisher
+    from station.service.replay import ReplayCollector, format_summary
     from station.sources.folder import FolderReplaySource
 
     log = structlog.get_logger("station.replay")
@@ -592,7 +592,7 @@ def _subscribe_loop(args: argparse.Namespace, feed: Any, stop: threading.Event, 
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from station.security import generate_keys
+    from station.service.security import generate_keys
 
     public, secret = generate_keys(args.out, args.name)
     print(f"public key (hand out; clients' go in the station's allowed_clients folder): {public}")
@@ -636,7 +636,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 def cmd_plantsim(args: argparse.Namespace) -> int:
     from station.bridges.mes_pg import is_pg_url
-    from station.plantsim import plantsim
+    from station.tools.plantsim import plantsim
 
     if not is_pg_url(args.db):
         raise ConfigError(f"--db {args.db!r}: plantsim needs a postgresql://… URL")
@@ -662,9 +662,9 @@ def cmd_mes_query(args: argparse.Namespace) -> int:
 
 
 def _build_pipeline(config: Any, plan: Any) -> Any:
-    from station.backends import BackendSpec
-    from station.bundle import load_bundle
-    from station.pipeline import Pipeline
+    from station.core.backends import BackendSpec
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
 
     inference = config.inference
     backend = BackendSpec(inference.backend, threads=plan.threads_per_session, precision=inference.precision,
@@ -680,8 +680,8 @@ def _build_pipeline(config: Any, plan: Any) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from station.config import load_config
-    from station.logsetup import configure_logging
+    from station.service.config import load_config
+    from station.service.logsetup import configure_logging
 
     config = load_config(args.config)
     configure_logging(args.log_level or config.log_level)
@@ -695,15 +695,15 @@ def _run_station(args: argparse.Namespace, config: Any, signals: ShutdownSignals
                  reload_requested: threading.Event) -> int:
     import structlog
 
-    from station import parallelism
-    from station.archive import RejectArchive
-    from station.config import load_config
-    from station.daemon import Station
-    from station.metrics import StationMetrics
-    from station.publish import VerdictPublisher
-    from station.sdnotify import Notifier, watchdog_interval_s
-    from station.security import ServerKeys
-    from station.sources.factory import build_source
+    from station.core import parallelism
+    from station.service.archive import RejectArchive
+    from station.service.config import load_config
+    from station.service.daemon import Station
+    from station.service.prometheus import StationMetrics
+    from station.service.publish import VerdictPublisher
+    from station.service.sdnotify import Notifier, watchdog_interval_s
+    from station.service.security import ServerKeys
+    from station.service.source_factory import build_source
 
     log = structlog.get_logger("station.run")
     source = build_source(config.source)
@@ -797,11 +797,11 @@ def _machine() -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from station import parallelism
-    from station.backends import precision_arg, resolve_precision
-    from station.bench import folder_images, format_report, run_bench, synth_images
-    from station.bundle import load_bundle
-    from station.pipeline import Pipeline
+    from station.core import parallelism
+    from station.core.backends import precision_arg, resolve_precision
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.tools.bench import folder_images, format_report, run_bench, synth_images
 
     bundle = load_bundle(args.model)
     plan = parallelism.plan(args.workers, args.threads)
@@ -834,10 +834,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from station import parallelism
-    from station.bundle import load_bundle
-    from station.pipeline import Pipeline
-    from station.soak import soak, write_json
+    from station.core import parallelism
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.tools.soak import soak, write_json
 
     plan = parallelism.plan(args.workers, args.threads)
     parallelism.apply(plan)
@@ -866,7 +866,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from station.export import export, format_parity, parity, per_file_configs
+    from station.tools.convert import export, format_parity, parity, per_file_configs
 
     def say(msg: str) -> None:
         print(f"export: {msg}", file=sys.stderr)
@@ -884,10 +884,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from station.backends import ROLES, parse_precision
-    from station.backends.engine_cache import EngineCache, EngineKey
-    from station.backends.gpu import probe
-    from station.bundle import load_bundle
+    from station.core.backends import ROLES, parse_precision
+    from station.core.backends.engine_cache import EngineCache, EngineKey
+    from station.core.backends.gpu import probe
+    from station.core.bundle import load_bundle
 
     if args.calibration is not None:
         raise ConfigError("build-engine --calibration: INT8 is calibrated by station export now (Q/DQ nodes in "
@@ -898,7 +898,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
         raise ConfigError("build-engine --precision: name one (fp16, fp32, int8) or one per model")
     bundle = load_bundle(args.model)
     gpu = probe()  # says what is missing (TensorRT, pycuda, a GPU) and exits 2
-    from station.backends.tensorrt_build import BuildOptions, build_engines
+    from station.core.backends.tensorrt_build import BuildOptions, build_engines
 
     options = BuildOptions(precisions, args.workspace_mb, args.max_batch)
     options.validate()
@@ -945,7 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "run":
-        from station.logsetup import configure_logging
+        from station.service.logsetup import configure_logging
 
         # bench runs the station several times: its lifecycle lines would bury the report.
         configure_logging(args.log_level or ("warning" if args.command in ("bench", "soak") else "info"))

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from station.publish import Subscriber
-from station.security import ClientKeys
+from station.service.publish import Subscriber
+from station.service.security import ClientKeys
 from tests.conftest import free_endpoint, station_cmd
 
 Message = dict[str, Any]

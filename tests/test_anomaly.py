@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from station.anomaly import AnomalyParams, image_score, region
-from station.preprocess import Mouth
+from station.core.anomaly import AnomalyParams, image_score, region
+from station.core.preprocess import Mouth
 
 
 def test_region_maps_polar_bins_back_into_the_view() -> None:
@@ -33,7 +33,7 @@ def test_top_k_score_sees_a_small_defect() -> None:
 
 
 def test_mask_keeps_the_bottle_and_drops_the_background_around_it() -> None:
-    from station.anomaly import smooth
+    from station.core.anomaly import smooth
 
     # 128 radius columns out to 1.08 × the rim: columns past 1.03 × the rim are background.
     m = np.zeros((64, 128), np.float32)

@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from station.archive import RejectArchive
-from station.bundle import load_bundle
-from station.config import ArchiveConfig
-from station.pipeline import Pipeline
+from station.core.bundle import load_bundle
+from station.core.pipeline import Pipeline
+from station.core.verdict import Verdict
+from station.service.archive import RejectArchive
+from station.service.config import ArchiveConfig
 from station.sources.folder import load_frame
-from station.verdict import Verdict
 
 
 @pytest.fixture(scope="module")

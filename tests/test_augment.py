@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from station.bundle import preprocess_spec
-from station.preprocess import canonical_view, locate_mouth, polar_view
-from station.synth import render_bottle
+from station.core.bundle import preprocess_spec
+from station.core.preprocess import canonical_view, locate_mouth, polar_view
+from station.tools.synth import render_bottle
 from station.training.augment import mouth_jitter, reunwrap
 from station.training.train import RADIUS_MARGIN, _augment
 
 
 def _spec():  # type: ignore[no-untyped-def]
-    from station.bundle import InputManifest, ViewManifest
+    from station.core.bundle import InputManifest, ViewManifest
 
     view = ViewManifest(angle_bins=512, radius_bins=128, radius_margin=RADIUS_MARGIN, interpolation="area-block")
     norm = InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

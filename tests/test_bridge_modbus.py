@@ -40,7 +40,7 @@ from station.bridges.modbus import (
     Result,
     quiet_pymodbus,
 )
-from station.config import PublishConfig
+from station.service.config import PublishConfig
 from tests.conftest import free_endpoint, run_station, start_bridge, station_cmd, stop_bridge
 
 UNIT = 1

@@ -111,7 +111,7 @@ def _until(what: str, predicate: Callable[[], bool], proc: subprocess.Popen[str]
 
 def test_sparkplug_births_every_verdict_and_death_by_will(broker: int) -> None:
     from station.bridges.sparkplug import BOOLEAN, decode, payload
-    from station.plantsim import SimStation
+    from station.tools.plantsim import SimStation
 
     endpoint = free_endpoint()
     sim = SimStation(endpoint, "line4", rate=100, count=0)
@@ -159,7 +159,7 @@ def test_sparkplug_births_every_verdict_and_death_by_will(broker: int) -> None:
 
 
 def test_json_mode_sends_every_verdict_and_retains_the_state(broker: int) -> None:
-    from station.plantsim import SimStation
+    from station.tools.plantsim import SimStation
 
     endpoint = free_endpoint()
     sim = SimStation(endpoint, "line5", rate=100, count=0)

@@ -24,7 +24,7 @@ from asyncua.ua.object_ids import ObjectIds
 
 from station.bridges.feed import FeedEvent
 from station.bridges.opcua import NAMESPACE_URI, StationView, asyncua_logs_as_lines
-from station.publish import SequenceTracker
+from station.service.publish import SequenceTracker
 from tests.conftest import free_endpoint, run_station, start_bridge, stop_bridge
 from tests.stationproc import StationProcess
 from tests.test_verdict_stream import _drop

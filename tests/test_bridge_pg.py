@@ -211,7 +211,7 @@ def _publish(sim: Any, n: int, rate: float = 200.0) -> None:
 
 
 def test_a_database_restart_mid_stream_loses_nothing(pg: PgServer, db_url: str, tmp_path: Path) -> None:
-    from station.plantsim import SimStation
+    from station.tools.plantsim import SimStation
 
     endpoint, spool, port = free_endpoint(), tmp_path / "spool", _free_port()
     sim = SimStation(endpoint, "line7", rate=200, count=0)
@@ -241,7 +241,7 @@ def test_a_database_restart_mid_stream_loses_nothing(pg: PgServer, db_url: str, 
 
 
 def test_a_recorder_killed_and_restarted_records_the_gap_and_nothing_else(db_url: str) -> None:
-    from station.plantsim import SimStation
+    from station.tools.plantsim import SimStation
 
     endpoint = free_endpoint()
     sim = SimStation(endpoint, "line9", rate=200, count=0)
@@ -287,7 +287,7 @@ def test_a_recorder_killed_and_restarted_records_the_gap_and_nothing_else(db_url
 
 
 def test_a_full_spool_stops_the_recorder_naming_the_file(tmp_path: Path) -> None:
-    from station.plantsim import SimStation
+    from station.tools.plantsim import SimStation
 
     endpoint, spool = free_endpoint(), tmp_path / "spool"
     sim = SimStation(endpoint, "line3", rate=200, count=0)
@@ -331,7 +331,7 @@ def test_the_dashboard_and_documented_sql_run_on_the_recorder_schema(db_url: str
 
     from station.bridges.mes_pg import PgStore
     from station.bridges.spool import Received
-    from station.plantsim import simulated_verdict
+    from station.tools.plantsim import simulated_verdict
 
     store = PgStore(db_url)
     store.migrate()
@@ -370,7 +370,7 @@ def test_the_dashboard_and_documented_sql_run_on_the_recorder_schema(db_url: str
 
 def test_a_spool_left_by_a_stopped_recorder_is_drained_by_the_next_one(pg: PgServer, db_url: str,
                                                                        tmp_path: Path) -> None:
-    from station.plantsim import SimStation
+    from station.tools.plantsim import SimStation
 
     endpoint, spool = free_endpoint(), tmp_path / "spool"
     sim = SimStation(endpoint, "line6", rate=200, count=0)

@@ -76,9 +76,9 @@ def test_classifier_rotations_average_the_turned_bottle(bundle: Path, eval_root:
     """rotations: 2 in the manifest: the probabilities are the mean over the bottle and the bottle turned 180°."""
     import numpy as np
 
-    from station.bundle import load_bundle
-    from station.inspector import Inspector
-    from station.preprocess import preprocess
+    from station.core.bundle import load_bundle
+    from station.core.inspector import Inspector
+    from station.core.preprocess import preprocess
     from station.sources.folder import load_frame
 
     b = load_bundle(bundle)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from station.publish import Subscriber
+from station.service.publish import Subscriber
 from tests.conftest import free_endpoint, run_station, station_cmd
 
 

@@ -12,8 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from station.config import load_config
 from station.errors import ConfigError
+from station.service.config import load_config
 from tests.conftest import run_station
 
 VALID: list[dict[str, Any]] = [

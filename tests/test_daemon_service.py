@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from station.publish import Subscriber
+from station.service.publish import Subscriber
 from tests.conftest import free_endpoint, station_cmd
 
 

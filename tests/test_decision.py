@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from station.bundle import load_bundle
-from station.decide import FAIL, PASS, REASON_ANOMALY, REASON_DEFECT_CLASS, Policy, decide
-from station.inspector import Scores, temper
-from station.mvtec import BOTTLE_CLASSES
-from station.pipeline import Pipeline
-from station.preprocess import Mouth
+from station.core.bundle import load_bundle
+from station.core.decide import FAIL, PASS, REASON_ANOMALY, REASON_DEFECT_CLASS, Policy, decide
+from station.core.folders import BOTTLE_CLASSES
+from station.core.inspector import Scores, temper
+from station.core.pipeline import Pipeline
+from station.core.preprocess import Mouth
 from station.sources.folder import load_frame
 from station.training.decision import TRUSTED_PER_CLASS, classifier_support, fit_temperature
 from tests.conftest import run_station

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import yaml
 
-from station.bundle import DriftQuantity
-from station.drift import MOUTH_OFFSET, TAIL, Side, Z, band
-from station.imageio import read_image
-from station.preprocess import Normalisation, PreprocessSpec, canonical_view, locate_mouth
+from station.core.bundle import DriftQuantity
+from station.core.drift import MOUTH_OFFSET, TAIL, Side, Z, band
+from station.core.imageio import read_image
+from station.core.preprocess import Normalisation, PreprocessSpec, canonical_view, locate_mouth
 from tests.conftest import free_endpoint, run_station
 from tests.stationproc import StationProcess, scrape_metrics
 from tests.test_daemon_service import NotifySocket
 
-DEFAULT_WINDOW = 200  # station/config.py DriftConfig.window
+DEFAULT_WINDOW = 200  # station/service/config.py DriftConfig.window
 HEARTBEAT_SCHEMA = json.loads((Path(__file__).parents[1] / "station/schemas/heartbeat-1.schema.json").read_text())
 
 
@@ -311,8 +311,8 @@ def test_a_clean_line_of_500_bottles_never_raises_drift_at_the_default_window(
 
 def test_several_quantities_drift_worst_first_and_a_low_bound_counts(capsys: pytest.CaptureFixture[str]) -> None:
     """The watch itself: confidence drifting down and brightness up at once; the report ranks them."""
-    from station.bundle import DriftManifest
-    from station.drift import DriftWatch, Sample
+    from station.core.bundle import DriftManifest
+    from station.core.drift import DriftWatch, Sample
 
     def ref(median: float, scale: float, side: Side) -> DriftQuantity:
         return DriftQuantity(side=side, n=100, median=median, scale=scale, q_low=median - 1.28 * scale,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from station.calibrate import choose_threshold
+from station.tools.calibrate import choose_threshold
 from tests.conftest import run_station
 
 
@@ -105,7 +105,7 @@ def test_choose_threshold_hand_computed() -> None:
 
 
 def test_tolerance_factor_matches_published_tables() -> None:
-    from station.calibrate import tolerance_factor
+    from station.tools.calibrate import tolerance_factor
 
     # One-sided normal tolerance factors, 99 % coverage (NIST/SEMATECH tables): 95 % confidence,
     # the default, and 90 %.
@@ -119,9 +119,9 @@ def test_tolerance_factor_matches_published_tables() -> None:
 
 
 def test_evaluate_anomaly_only_figures_follow_the_threshold(bundle: Path, eval_root: Path) -> None:
-    from station.bundle import load_bundle
-    from station.evaluate import EvaluationResult, folder_items, metrics, run_evaluation
-    from station.pipeline import Pipeline
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.tools.evaluate import EvaluationResult, folder_items, metrics, run_evaluation
 
     loaded = load_bundle(bundle)
     items = folder_items(eval_root.parent, loaded.manifest.classes)

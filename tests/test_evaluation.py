@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from station.evaluation import auroc, classification_report, confusion_matrix
+from station.core.accuracy import auroc, classification_report, confusion_matrix
 
 
 def test_auroc_hand_computed() -> None:
@@ -30,7 +30,7 @@ def test_confusion_and_report() -> None:
 
 
 def test_reject_rates_hand_computed() -> None:
-    from station.evaluation import reject_rates
+    from station.core.accuracy import reject_rates
 
     truth = ["good", "good", "bad", "bad", "bad"]
     failed = [False, True, True, True, False]
@@ -39,7 +39,7 @@ def test_reject_rates_hand_computed() -> None:
 
 
 def test_checks_read_off_the_decisions_reasons_hand_computed() -> None:
-    from station.evaluation import inspected, novel_report, rejection_by_check
+    from station.core.accuracy import inspected, novel_report, rejection_by_check
 
     bottles = [
         inspected("good", "good", 1.0, [], False),

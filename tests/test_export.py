@@ -12,11 +12,11 @@ import pytest
 import yaml
 from onnx import numpy_helper
 
-from station.backends import BackendSpec, parse_precision, resolve_precision
-from station.bundle import load_bundle, sha256_file
+from station.core.backends import BackendSpec, parse_precision, resolve_precision
+from station.core.bundle import load_bundle, sha256_file
+from station.core.inspector import Inspector
 from station.errors import BundleError, ConfigError
-from station.export import MAX_ACCURACY_DROP, MAX_AUROC_DROP, MIN_AGREEMENT
-from station.inspector import Inspector
+from station.tools.convert import MAX_ACCURACY_DROP, MAX_AUROC_DROP, MIN_AGREEMENT
 from tests.conftest import run_station
 
 ROLES = ("autoencoder", "classifier")
@@ -43,7 +43,7 @@ def test_export_writes_checksummed_files_named_for_their_precision_and_how_they_
             assert entry["source_sha256"] == manifest["files"][f"{role}.onnx"]
             assert entry["made"]["tool"] == "station export" and entry["made"]["onnxruntime"]
         calibration = converted["int8"]["made"]["calibration"]
-        # The bundle's own training images (split.json), good and defective, through station.preprocess.
+        # The bundle's own training images (split.json), good and defective, through station.core.preprocess.
         train_rows = json.loads((exported / "split.json").read_text())["train"]
         assert calibration["images"] == len(train_rows) and "split.json" in calibration["source"]
         assert converted["fp16"]["made"]["keep_io_types"] is True
@@ -120,7 +120,7 @@ def test_parity_with_fp32_on_an_independent_labelled_set(exported: Path, eval_ro
     are nearly flat, so this small set can hold the FP16 files to the issue's bounds, and the INT8 ones
     only to what such a model allows; the figures on a trained bundle are in docs/performance.md.
     """
-    from station.export import parity, per_file_configs
+    from station.tools.convert import parity, per_file_configs
 
     figures = parity(load_bundle(exported), eval_root, per_file_configs(load_bundle(exported)))
     configs = figures["configs"]

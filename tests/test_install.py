@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from station.config import load_config
+from station.service.config import load_config
 
 REPO = Path(__file__).parents[1]
 
@@ -28,7 +28,7 @@ def test_destdir_install_is_complete_relocated_and_torch_free(bundle: Path, tmp_
     assert staged.stdout == ""
     # The service venv serves without torch (the train extra is not installed).
     check = subprocess.run([str(venv / "bin/python"), "-c",
-                            "import importlib.util, station.cli, station.daemon, station.metrics;"
+                            "import importlib.util, station.cli, station.service.daemon, station.service.prometheus;"
                             "print(importlib.util.find_spec('torch') is None)"],
                            capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "True", check.stderr

@@ -9,9 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from station.bundle import load_bundle
-from station.errors import FrameError
-from station.preprocess import (
+from station.core.bundle import load_bundle
+from station.core.preprocess import (
     Lighting,
     Mouth,
     Normalisation,
@@ -21,8 +20,9 @@ from station.preprocess import (
     polar_view,
     preprocess,
 )
+from station.errors import FrameError
 from station.sources.folder import FolderReplaySource
-from station.synth import _draw_scene, render_bottle
+from station.tools.synth import _draw_scene, render_bottle
 
 SPEC = PreprocessSpec(900, 512, 128, 1.08, 0.15, 0.6, Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
                       Normalisation((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
@@ -34,7 +34,7 @@ def bottle(seed: int = 3, defect: str | None = None) -> np.ndarray:
 
 def test_training_and_serving_tensors_are_identical(bundle: Path, synth_root: Path) -> None:
     torch = pytest.importorskip("torch")
-    from station.mvtec import BOTTLE_CLASSES, labelled_pool
+    from station.core.folders import BOTTLE_CLASSES, labelled_pool
     from station.training.data import tensors
 
     spec = load_bundle(bundle).manifest.preprocess_spec()
@@ -148,7 +148,7 @@ def test_polar_view_beyond_the_image_edge_is_black() -> None:
 def test_a_bundle_is_served_with_the_sampling_it_was_trained_with(bundle: Path) -> None:
     import dataclasses
 
-    from station.bundle import ViewManifest, preprocess_spec
+    from station.core.bundle import ViewManifest, preprocess_spec
 
     manifest = load_bundle(bundle).manifest
     assert manifest.view.interpolation == "area-block"  # what station train writes now
@@ -177,7 +177,7 @@ OWN_LIGHTING: dict[str, Lighting] = {"ring": "front", "dome": "front", "backlit"
 def test_every_style_is_located_where_it_was_drawn_under_its_lighting_and_auto(style: str) -> None:
     import dataclasses
 
-    from station.synth import render_novel, scene_of
+    from station.tools.synth import render_novel, scene_of
 
     for seed in range(3):
         for defect in (None, "broken_large", "broken_small", "contamination", "crack"):
@@ -220,7 +220,7 @@ def test_a_backlit_frame_under_front_lighting_says_why_it_has_no_mouth() -> None
 
 
 def test_a_manifest_without_lighting_is_front_lit() -> None:
-    from station.bundle import InputManifest, ViewManifest, preprocess_spec
+    from station.core.bundle import InputManifest, ViewManifest, preprocess_spec
 
     inputs = {role: InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) for role in ("classifier", "autoencoder")}
     older = ViewManifest(angle_bins=512, radius_bins=128, radius_margin=1.08)
@@ -234,7 +234,7 @@ def test_a_manifest_without_lighting_is_front_lit() -> None:
 
 
 def test_agreed_lighting() -> None:
-    from station.preprocess import agreed_lighting
+    from station.core.preprocess import agreed_lighting
 
     assert agreed_lighting(["back", "back"]) == "back"
     assert agreed_lighting(["front", "back", "front"]) == "auto"

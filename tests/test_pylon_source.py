@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from station.config import PylonSourceConfig
 from station.errors import ConfigError
+from station.service.config import PylonSourceConfig
 from tests.conftest import free_endpoint, run_station
 from tests.stationproc import StationProcess
 

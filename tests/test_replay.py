@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from station.publish import Subscriber
+from station.service.publish import Subscriber
 from tests.conftest import free_endpoint, run_station, station_cmd
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "station" / "schemas" / "verdict-1.schema.json").read_text())

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from station.bench import MemorySource
-from station.daemon import Station
-from station.frame import Frame
-from station.verdict import Verdict
+from station.core.frame import Frame
+from station.core.verdict import Verdict
+from station.service.daemon import Station
+from station.tools.bench import MemorySource
 from tests.stationproc import StationProcess
 
 #: after the first SIGTERM, the station must be gone within this (systemd's TimeoutStopSec is 30 s)
@@ -116,13 +116,13 @@ def test_finish_now_publishes_the_frame_in_inspection_and_skips_the_queued_ones(
     assert not runner.is_alive()
     assert [(m["seq"], m["verdict"], m["reasons"]) for m in published] == (
         [(0, "pass", [])] + [(i, "skipped", ["shutdown"]) for i in range(1, 6)])
-    c = station.counters
+    c = station.contract.counters
     assert c.captured == c.published == 6 and c.inspected == 1 and c.skipped == 5
 
 
 RAPID_FIRE = """
 import os, signal, subprocess, sys
-from station.signals import ShutdownSignals
+from station.service.signals import ShutdownSignals
 
 SENDER = '''
 import os, signal, sys
@@ -156,8 +156,8 @@ def test_thousands_of_signals_in_a_burst_neither_hang_nor_kill_the_process() -> 
 
 ORPHANED = """
 import os, sys, time
-from station.logsetup import configure_logging
-from station.signals import ShutdownSignals
+from station.service.logsetup import configure_logging
+from station.service.signals import ShutdownSignals
 configure_logging("info")
 r, w = os.pipe()
 os.close(r)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from station.mvtec import (
+from station.core.folders import (
     BOTTLE_CLASSES,
     NOVEL,
     NOVEL_KINDS,
@@ -18,7 +18,7 @@ from station.mvtec import (
     labelled_pool,
     novel_kind,
 )
-from station.synth import NOVEL_MASK_LEVELS, _draw_scene, render_bottle, render_novel, scene_of, write_dataset
+from station.tools.synth import NOVEL_MASK_LEVELS, _draw_scene, render_bottle, render_novel, scene_of, write_dataset
 from tests.conftest import run_station
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from station.backends.engine_cache import EngineCache, EngineKey, StaleEngines, onnx_sources
-from station.backends.gpu import GpuInfo, tensorrt_release
-from station.bundle import load_bundle
+from station.core.backends.engine_cache import EngineCache, EngineKey, StaleEngines, onnx_sources
+from station.core.backends.gpu import GpuInfo, tensorrt_release
+from station.core.bundle import load_bundle
 from station.errors import BundleError, MissingDependencyError
 from tests.conftest import run_station
 
@@ -27,7 +27,7 @@ FP32 = dict.fromkeys(ROLES, "fp32")
 
 
 def _gpu_or_reason() -> tuple[GpuInfo | None, str]:
-    from station.backends.gpu import probe
+    from station.core.backends.gpu import probe
 
     try:
         return probe(), ""
@@ -240,11 +240,11 @@ TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2), "int8": (1e-1, 1e-1)}
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_tensorrt_matches_onnxruntime(bundle: Path, synth_root: Path, eval_root: Path, tmp_path: Path,
                                       precision: str) -> None:
-    from station.backends import BackendSpec
-    from station.imageio import read_image
-    from station.inspector import Inspector
-    from station.mvtec import list_images
-    from station.preprocess import preprocess
+    from station.core.backends import BackendSpec
+    from station.core.folders import list_images
+    from station.core.imageio import read_image
+    from station.core.inspector import Inspector
+    from station.core.preprocess import preprocess
 
     root = shutil.copytree(bundle, tmp_path / "b")
     if precision != "fp32":  # TensorRT builds the precision station export put in the graph

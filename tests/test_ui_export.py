@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from station.mvtec import list_images
+from station.core.folders import list_images
 from tests.conftest import run_station
 from tests.stationproc import StationProcess
 from tests.test_ui_support import UiProcess, token_file

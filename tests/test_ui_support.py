@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from station.anomaly import Region
-from station.decide import Decision
-from station.frame import Frame
-from station.verdict import Verdict
+from station.core.anomaly import Region
+from station.core.decide import Decision
+from station.core.frame import Frame
+from station.core.verdict import Verdict
 from tests.conftest import station_cmd
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from station.counters import Counters
-from station.publish import VerdictPublisher
+from station.contract.counters import Counters
+from station.service.publish import VerdictPublisher
 from station.ui.reviews import ReviewStore
 from station.ui.whatif import Rule, decide
 from tests.conftest import free_endpoint, run_station
@@ -148,7 +148,7 @@ def test_whatif_rule_is_the_stations() -> None:
     assert decide(defect, Rule(1.0)) == "fail"  # the class check as the station made it
     assert decide(defect, Rule(1.0, class_confidence=0.7)) == "pass"
     assert decide(defect, Rule(1.0, class_confidence=0.5)) == "fail"
-    # the classifier alone needs the anomaly check's support (station/decide.py): 0.01 is under 0.02
+    # the classifier alone needs the anomaly check's support (station/core/decide.py): 0.01 is under 0.02
     assert decide(defect, Rule(1.0, class_confidence=0.5, classifier_min_anomaly=0.02)) == "pass"
     assert decide(defect, Rule(1.0, class_confidence=0.5, classifier_min_anomaly=0.01)) == "fail"
     assert decide({**row, "error": "unreadable_image", "score": None}, Rule(99.0)) == "fail"

@@ -15,8 +15,8 @@ from pathlib import Path
 import jsonschema
 
 from station.bridges.feed import VerdictFeed
-from station.publish import Subscriber
-from station.security import ClientKeys
+from station.service.publish import Subscriber
+from station.service.security import ClientKeys
 from tests.conftest import free_endpoint, run_station, station_cmd
 from tests.stationproc import StationProcess
 
@@ -154,7 +154,7 @@ def test_reconnecting_after_missing_verdicts_reports_them(bundle: Path, eval_roo
 
 
 def test_tracker_counts_what_a_restart_or_reconnect_hid() -> None:
-    from station.publish import SequenceTracker
+    from station.service.publish import SequenceTracker
 
     t = SequenceTracker()
     assert t.join("r1", 40) == ["joined run r1 at seq 40"] and t.missed == 0  # joining mid-run is not a loss
@@ -218,8 +218,8 @@ def test_an_oversized_inbound_message_is_refused_and_its_sender_disconnected(bun
 
 
 def test_a_welcome_before_the_first_heartbeat_carries_every_counter() -> None:
-    from station.counters import Counters
-    from station.publish import VerdictPublisher
+    from station.contract.counters import Counters
+    from station.service.publish import VerdictPublisher
 
     endpoint = free_endpoint()
     publisher = VerdictPublisher(endpoint, "cam1", "run1")

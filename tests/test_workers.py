@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from station.bench import MemorySource
-from station.daemon import Station
-from station.frame import Frame
-from station.verdict import Verdict
+from station.core.frame import Frame
+from station.core.verdict import Verdict
+from station.service.daemon import Station
+from station.tools.bench import MemorySource
 
 
 class GatedPipeline:

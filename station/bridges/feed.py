@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from station.publish import SequenceTracker, Subscriber
-from station.security import ClientKeys
+from station.service.publish import SequenceTracker, Subscriber
+from station.service.security import ClientKeys
 
 EventKind = Literal["verdict", "heartbeat", "welcome"]
 

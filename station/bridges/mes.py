@@ -31,8 +31,8 @@ from typing import Any
 import structlog
 
 from station.bridges.feed import VerdictFeed
+from station.contract.timefmt import iso_utc, iso_utc_ceil_ms, parse_instant
 from station.errors import EXIT_OK, ConfigError, StationError
-from station.timefmt import iso_utc, iso_utc_ceil_ms, parse_instant
 
 log = structlog.get_logger("station.bridge.mes")
 

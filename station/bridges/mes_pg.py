@@ -32,8 +32,8 @@ import structlog
 
 from station.bridges.mes import query_sql
 from station.bridges.spool import Received
+from station.contract.timefmt import parse_instant
 from station.errors import ConfigError, MissingDependencyError, StationError
-from station.timefmt import parse_instant
 
 log = structlog.get_logger("station.bridge.mes_pg")
 

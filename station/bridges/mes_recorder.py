@@ -30,8 +30,8 @@ import structlog
 from station.bridges.feed import VerdictFeed
 from station.bridges.mes_pg import PgStore, Written, db_errors
 from station.bridges.spool import Received, Spool
+from station.contract.timefmt import parse_instant
 from station.errors import EXIT_OK, ConfigError, StationError
-from station.timefmt import parse_instant
 
 log = structlog.get_logger("station.bridge.mes")
 

@@ -39,7 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from station.bridges import sparkplug as sp
 from station.bridges.feed import FeedEvent, VerdictFeed
-from station.counters import Counters
+from station.contract.counters import Counters
 from station.errors import EXIT_OK, ConfigError
 
 log = structlog.get_logger("station.bridge.mqtt")

@@ -55,7 +55,7 @@ from station import __version__
 from station.bridges.badclients import BadClientLog, excerpt
 from station.bridges.feed import FeedEvent, VerdictFeed
 from station.errors import EXIT_OK, ConfigError, PublishError
-from station.publish import SequenceTracker
+from station.service.publish import SequenceTracker
 
 log = structlog.get_logger("station.bridge.opcua")
 
@@ -296,7 +296,7 @@ class StationView:
         return True
 
     def _count(self, m: dict[str, Any]) -> None:
-        """Step the counters as the station does for this verdict (station/daemon.py)."""
+        """Step the counters as the station does for this verdict (station/service/daemon.py)."""
         c = self.counters
         c["published"] += 1
         c["captured"] = max(c["captured"], c["published"])

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from typing import Literal, Protocol
 
-from station.frame import Frame
+from station.core.frame import Frame
 
 #: what a source does while inspection is busy (see Source.on_overload)
 OnOverload = Literal["wait", "skip"]

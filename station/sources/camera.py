@@ -20,8 +20,8 @@ from typing import Protocol
 import numpy as np
 import structlog
 
+from station.core.frame import Frame
 from station.errors import FrameError, SourceError
-from station.frame import Frame
 from station.sources import OnOverload
 
 log = structlog.get_logger("station.camera")

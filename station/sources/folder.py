@@ -7,10 +7,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from station.core.folders import is_labelled_folder, label_of, list_candidate_files
+from station.core.frame import Frame
+from station.core.imageio import read_image
 from station.errors import FrameError, SourceError
-from station.frame import Frame
-from station.imageio import read_image
-from station.mvtec import is_labelled_folder, label_of, list_candidate_files
 from station.sources import OnOverload
 
 

@@ -26,7 +26,7 @@ from station.errors import ConfigError, SourceError
 from station.sources.camera import CameraLost, Grab, SourceEnded
 
 if TYPE_CHECKING:
-    from station.config import OpenCvSourceConfig
+    from station.service.config import OpenCvSourceConfig
 
 log = structlog.get_logger("station.opencv")
 

@@ -24,7 +24,7 @@ from station.errors import ConfigError, FrameError, MissingDependencyError, Sour
 from station.sources.camera import REASON_GRAB_FAILED, CameraLost, Grab
 
 if TYPE_CHECKING:
-    from station.config import PylonSourceConfig
+    from station.service.config import PylonSourceConfig
 
 log = structlog.get_logger("station.pylon")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from station.core.folders import GOOD, LabelledImage, labelled_pool
+from station.core.imageio import read_image
+from station.core.preprocess import ModelInputs, PreprocessSpec, preprocess
 from station.errors import DatasetError, FrameError
-from station.imageio import read_image
-from station.mvtec import GOOD, LabelledImage, labelled_pool
-from station.preprocess import ModelInputs, PreprocessSpec, preprocess
 
 HOLDOUT_FRACTION = 0.2
 VALIDATION_FRACTION = 0.15

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from station.backends.onnxruntime import OnnxRuntimeModel
+from station.core.backends.onnxruntime import OnnxRuntimeModel
 from station.errors import StationError
 
 INPUT_NAME = "input"

@@ -62,10 +62,10 @@ def table(rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> str:
 
 
 def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
-    from station.bundle import load_bundle
-    from station.evaluate import folder_items, metrics, run_evaluation
-    from station.pipeline import Pipeline
-    from station.synth import write_dataset
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.tools.evaluate import folder_items, metrics, run_evaluation
+    from station.tools.synth import write_dataset
     from station.training.train import TrainOptions, train_bundle
 
     if len(plan.styles) < 2:
@@ -132,7 +132,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_loso(args: argparse.Namespace) -> int:
-    from station.synth import parse_styles
+    from station.tools.synth import parse_styles
 
     try:
         styles = parse_styles(args.styles)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from station.anomaly import AnomalyParams, image_score, smooth
-from station.bundle import (
+from station.core.anomaly import AnomalyParams, image_score, smooth
+from station.core.bundle import (
     AnomalyManifest,
     DecisionManifest,
     InputManifest,
@@ -33,15 +33,15 @@ from station.bundle import (
     preprocess_spec,
     write_manifest,
 )
-from station.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
-from station.drift import drift_reference
+from station.core.drift import drift_reference
+from station.core.folders import BOTTLE_CLASSES, GOOD, LabelledImage
+from station.core.frame import Frame
+from station.core.pipeline import Pipeline
+from station.core.preprocess import Lighting, agreed_lighting
 from station.errors import DatasetError
-from station.frame import Frame
-from station.mvtec import BOTTLE_CLASSES, GOOD, LabelledImage
-from station.pipeline import Pipeline
-from station.preprocess import Lighting, agreed_lighting
-from station.replay import ReplayCollector
+from station.service.replay import ReplayCollector
 from station.sources.folder import load_frame
+from station.tools.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
 from station.training.anomalies import simulate
 from station.training.augment import mouth_jitter
 from station.training.crossfit import CrossFit, cross_fit
@@ -441,7 +441,7 @@ def anomaly_maps(export: nn.Module, x: torch.Tensor, device: torch.device, batch
 
 
 def map_scores(maps: torch.Tensor) -> list[float]:
-    """Image scores of maps, by the serving code's own smoothing and top-k (station/anomaly.py)."""
+    """Image scores of maps, by the serving code's own smoothing and top-k (station/core/anomaly.py)."""
     params = _anomaly_params()
     return [image_score(smooth(m[0].numpy(), params), params) for m in maps]
 
@@ -659,7 +659,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
             "torch": torch.__version__,
         },
         "metrics": metrics,
-        # Drift watch's reference (station/drift.py): the good images measured by the serving code.
+        # Drift watch's reference (station/core/drift.py): the good images measured by the serving code.
         "drift": drift_reference(pipeline, [i.path for i in pool if i.label == GOOD],
                                  [i.path for i in split.holdout if i.label == GOOD], cal_scores, threshold),
         "files": checksums(tmp, ["classifier.onnx", "autoencoder.onnx", "split.json",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from station import __version__
-from station.timefmt import iso_utc_ceil_ms, parse_instant
+from station.contract.timefmt import iso_utc_ceil_ms, parse_instant
 from station.ui.live import LiveState
 from station.ui.rejects import Reject, RejectIndex, matches
 from station.ui.reviews import CONFIRMED, FALSE_REJECT, OUTCOMES, Review, ReviewStore, defect_classes

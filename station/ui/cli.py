@@ -15,8 +15,8 @@ import structlog
 
 from station.bridges.feed import VerdictFeed
 from station.errors import EXIT_OK, ConfigError, StationError
-from station.security import ClientKeys
-from station.signals import ShutdownSignals
+from station.service.security import ClientKeys
+from station.service.signals import ShutdownSignals
 from station.ui.api import UiApp, UiSettings
 from station.ui.guard import load_token
 from station.ui.live import LiveState

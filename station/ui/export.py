@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from station.core.folders import GOOD
 from station.errors import EXIT_OK, ConfigError
-from station.mvtec import GOOD
 from station.ui.rejects import resolve
 from station.ui.reviews import FALSE_REJECT, open_existing
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from station.bridges.feed import FeedEvent
-from station.counters import Counters
+from station.contract.counters import Counters
 
 Row = dict[str, Any]
 
@@ -52,7 +52,7 @@ def compact(m: dict[str, Any]) -> Row:
 
 
 def _count(counters: Counters, row: Row) -> None:
-    """As the station counts a published verdict (station/daemon.py), so the two stay equal."""
+    """As the station counts a published verdict (station/service/daemon.py), so the two stay equal."""
     counters.captured = max(counters.captured, counters.published + 1)
     counters.published += 1
     if row["verdict"] == "skipped":

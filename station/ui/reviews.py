@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from station.contract.timefmt import iso_utc
+from station.core.folders import DEFECT_CLASSES, GOOD, NOVEL
 from station.errors import ConfigError, StationError
-from station.mvtec import DEFECT_CLASSES, GOOD, NOVEL
-from station.timefmt import iso_utc
 
 CONFIRMED = "confirmed"
 FALSE_REJECT = "false_reject"

@@ -1,6 +1,6 @@
 """What a different threshold would have done: verdicts that flip, and what it means for reviewed rejects.
 
-The decision rule is the station's (station/decide.py): fail when the top
+The decision rule is the station's (station/core/decide.py): fail when the top
 class is a defect at or above the class confidence with an anomaly score at
 least the classifier's support, or the anomaly score is above the threshold.
 Frames that were not inspected (errors, skipped) keep their verdict: no
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from station.mvtec import GOOD
+from station.core.folders import GOOD
 from station.ui.live import compact
 from station.ui.reviews import CONFIRMED, FALSE_REJECT, Review
 

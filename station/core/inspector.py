@@ -1,0 +1,96 @@
+"""Both models of a bundle → class probabilities, anomaly score and anomaly map."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from station.core.anomaly import AnomalyParams, image_score, smooth
+from station.core.backends import BackendSpec, ModelRunner, load_models
+from station.core.bundle import Bundle
+from station.core.preprocess import ModelInputs, Mouth
+from station.errors import BackendError
+
+
+@dataclass
+class Scores:
+    probabilities: np.ndarray  # (n_classes,), sums to 1
+    anomaly_score: float
+    anomaly_map: np.ndarray  # (angle_bins, radius_bins) smoothed error map of the polar view
+    mouth: Mouth
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities softened by a temperature: softmax(log p / T), the same as dividing the logits by T."""
+    logp = np.log(np.clip(probs, 1e-12, None)) / temperature
+    logp -= logp.max(axis=-1, keepdims=True)
+    out: np.ndarray = np.exp(logp)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
+class Inspector:
+    def __init__(self, bundle: Bundle, backend: BackendSpec | str = "onnxruntime") -> None:
+        m = bundle.manifest
+        self.bundle = bundle
+        self.classes = m.classes
+        spec = backend if isinstance(backend, BackendSpec) else BackendSpec(backend)
+        choice, models = load_models(bundle, spec)
+        self.backend = choice.name
+        self.backend_reason = choice.reason
+        self.params = AnomalyParams(m.anomaly.smoothing_sigma, m.anomaly.top_k_fraction,
+                                    m.anomaly.mask_radius, m.view.radius_margin)
+        self.preprocess_spec = m.preprocess_spec()
+        self.classifier: ModelRunner = models["classifier"]
+        self.autoencoder: ModelRunner = models["autoencoder"]
+        # The classifier may take the anomaly map as evidence beside the image.
+        self._classifier_takes_map = len(m.models["classifier"].inputs) == 2
+        self.rotations = m.models["classifier"].rotations
+        self.temperature = m.decision.temperature
+
+    def warm_up(self, runs: int = 2) -> None:
+        """Run both models on blank inputs so the first bottle does not pay for lazy init."""
+        spec = self.preprocess_spec
+        blank = np.zeros((1, 3, spec.angle_bins, spec.radius_bins), np.float32)
+        mouth = Mouth(spec.canonical_size / 2, spec.canonical_size / 2, spec.canonical_size / 3)
+        for _ in range(runs):
+            self.inspect(ModelInputs(blank, blank, mouth, (0, 0, spec.canonical_size)))
+
+    def classifier_batches(self, inputs: ModelInputs, error_map: np.ndarray) -> list[np.ndarray]:
+        """The classifier's inputs for one bottle: one batch row per turn it is seen at."""
+        batches = [inputs.classifier, error_map] if self._classifier_takes_map else [inputs.classifier]
+        if self.rotations == 1:
+            return batches
+        # A turned bottle is a circular shift of the angle rows: the same bottle, seen turned.
+        return [np.concatenate([np.roll(b, k * b.shape[2] // self.rotations, axis=2)
+                                for k in range(self.rotations)]) for b in batches]
+
+    def inspect(self, inputs: ModelInputs) -> Scores:
+        t0 = time.perf_counter()
+        error_map = self.autoencoder.run(inputs.autoencoder)
+        t1 = time.perf_counter()
+        probs = self.classifier.run(*self.classifier_batches(inputs, error_map)).mean(axis=0, keepdims=True)
+        t2 = time.perf_counter()
+        if probs.shape != (1, len(self.classes)):
+            raise BackendError(
+                f"classifier output shape {probs.shape} does not match {len(self.classes)} classes"
+            )
+        if self.temperature != 1.0:
+            probs = temper(probs, self.temperature)
+        smoothed = smooth(error_map.reshape(error_map.shape[-2:]), self.params)
+        score = image_score(smoothed, self.params)
+        t3 = time.perf_counter()
+        return Scores(
+            probabilities=probs[0].astype(np.float64),
+            anomaly_score=score,
+            anomaly_map=smoothed,
+            mouth=inputs.mouth,
+            latency_ms={
+                "autoencoder": (t1 - t0) * 1e3,
+                "classifier": (t2 - t1) * 1e3,
+                "anomaly_map": (t3 - t2) * 1e3,
+            },
+        )
