@@ -22,11 +22,13 @@ import zmq
 from pymodbus.client import ModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
+from station.bridges.feed import FeedEvent
 from station.bridges.modbus import (
     ACK_COIL,
     ACK_GRACE_S,
     ACK_SEEN,
     DROPPED,
+    ONLINE,
     PASSED,
     QUEUE_LIMIT,
     REASON_BITS,
@@ -207,13 +209,19 @@ def _check_result(block: list[int], m: Message) -> None:
     assert u32(block, Addr.TRIGGER) == 0xFFFFFFFF  # replayed files have no camera frame counter
 
 
+def _message(seq: int, verdict: str = "fail") -> Message:
+    return {"schema": "station.verdict/1", "station": "x", "run_id": "r1", "seq": seq, "frame_id": f"{seq}.png",
+            "source": "test", "captured_at": "2026-12-02T05:00:00.000Z",
+            "trigger": {"block_id": 1000 + seq, "count": None, "encoder": None, "camera_timestamp": None},
+            "published_at": "2026-12-02T05:00:00.001Z", "verdict": verdict,
+            "reasons": ["anomaly"] if verdict == "fail" else [],
+            "class": {"label": "good", "confidence": 0.75, "scores": {"good": 0.75, "broken": 0.25}},
+            "anomaly": {"score": 0.25, "threshold": 0.125, "region": {"bbox": None, "area_px": 0, "area_fraction": 0}},
+            "error": None, "latency_ms": {"total": 1.5}, "model": {"name": "t", "version": "1"}, "truth": None}
+
+
 def _verdict(seq: int, verdict: str = "fail") -> bytes:
-    msg = {"schema": "station.verdict/1", "station": "x", "run_id": "r1", "seq": seq, "verdict": verdict,
-           "reasons": ["anomaly"] if verdict == "fail" else [],
-           "class": {"label": "good", "confidence": 0.75, "scores": {"good": 0.75, "broken": 0.25}},
-           "anomaly": {"score": 0.25, "threshold": 0.125}, "error": None,
-           "trigger": {"block_id": 1000 + seq, "count": None, "encoder": None, "camera_timestamp": None}}
-    return json.dumps(msg).encode()
+    return json.dumps(_message(seq, verdict)).encode()
 
 
 def _publisher(endpoint: str, welcome: Message) -> zmq.Socket[bytes]:
@@ -259,7 +267,9 @@ def test_a_late_joiner_is_current_at_once_and_a_slow_plc_loses_only_the_oldest_r
         assert u32(plc.holding(), Addr.ID32) == 12
 
         pub.send_multipart([b"verdict.x", _verdict(last + 4, "pass")])  # 3 lost on the way
-        heartbeat = {"state": "degraded", "counters": {**counters, "published": 9999}, "next_seq": last + 5}
+        heartbeat = {"schema": "station.heartbeat/1", "station": "x", "run_id": "r1", "state": "degraded",
+                     "sent_at": "2026-12-02T05:00:01.000Z", "next_seq": last + 5,
+                     "counters": {**counters, "published": 9999}, "fps": 0.5, "drift": None}
         pub.send_multipart([b"heartbeat.x", json.dumps(heartbeat).encode()])
         plc.wait("the heartbeat", lambda: plc.holding(Addr.ALIVE, 1)[0] == 1)
         regs = plc.holding()
@@ -276,6 +286,57 @@ def test_a_late_joiner_is_current_at_once_and_a_slow_plc_loses_only_the_oldest_r
         plc.close()
         bridge.kill()
         pub.close(0)
+
+
+def _event(kind: str, message: Message, notes: list[str] | None = None) -> FeedEvent:
+    return FeedEvent(kind, message, notes or [])  # type: ignore[arg-type]  # the kinds the feed gives
+
+
+def _beat(state: str, next_seq: int, **counters: int) -> Message:
+    zeros = dict.fromkeys(("captured", "inspected", "skipped", "errors", "published", "passed", "failed"), 0)
+    return {"schema": "station.heartbeat/1", "station": "x", "run_id": "r1", "state": state,
+            "sent_at": "2026-12-02T05:00:00.000Z", "next_seq": next_seq, "counters": {**zeros, **counters},
+            "fps": 1.0, "drift": None}
+
+
+def test_the_registers_follow_verdicts_and_heartbeats_and_drop_online_after_three_silent_intervals() -> None:
+    now = 1000.0
+    state = BridgeState(clock=lambda: now)
+    regs = state.registers()
+    assert (regs[Addr.STATE], regs[Addr.SILENT_S], regs[Addr.RESULT], regs[Addr.LATEST_RESULT]) == (
+        0, 0xFFFF, 0xFFFF, 0xFFFF)
+    assert not bit(regs[Addr.STATUS], ONLINE)
+    state.apply(_event("heartbeat", _beat("running", 4, captured=4, published=4, passed=3, failed=1)), 0, 0)
+    now += 10.0  # a station set to heartbeat every 10 s
+    state.apply(_event("heartbeat", _beat("running", 4, captured=4, published=4, passed=3, failed=1)), 0, 0)
+    state.write_ack_coil(False)  # the PLC's acknowledge is clear: results latch at once
+    fail = {**_message(4), "error": {"reason": "unreadable_image", "detail": "x"},
+            "reasons": ["error", "unreadable_image"]}
+    assert state.apply(_event("verdict", fail), 0, 0)
+    state.apply(_event("verdict", _message(5, "skipped") | {"reasons": ["overload"], "class": None, "anomaly": None}),
+                1, 2)
+    regs = state.registers()
+    # published, passed, failed, skipped, errors, then the stream's gaps and missed: stepped on per verdict
+    assert [u32(regs, Addr.COUNTERS + 2 * i) for i in range(7)] == [6, 3, 2, 1, 1, 1, 2]
+    assert (u32(regs, Addr.ID32), regs[Addr.RESULT], regs[Addr.PENDING]) == (4, 1, 1)  # seq 5 waits its turn
+    assert regs[Addr.REASONS] == 1 << REASON_BITS.index("error") | 1 << REASON_BITS.index("unreadable_image")
+    assert (u32(regs, Addr.LATEST_ID32), regs[Addr.LATEST_RESULT], u32(regs, Addr.REJECT_COUNT)) == (5, 2, 1)
+    assert u32(regs, Addr.TRIGGER) == 1004 and label(regs) == "good"
+    assert (regs[Addr.STATE], regs[Addr.ALIVE], regs[Addr.SILENT_S]) == (STATE_CODES["running"], 2, 0)
+    status = regs[Addr.STATUS]
+    assert bit(status, VALID) and bit(status, REJECT) and bit(status, ONLINE) and not bit(status, PASSED)
+    # Three observed heartbeat intervals (30 s) of silence, not the 3 s floor, and the station is offline.
+    now += 29.9
+    assert bit(state.status_word(), ONLINE) and state.registers()[Addr.SILENT_S] == 29
+    now += 0.1
+    assert not bit(state.status_word(), ONLINE)
+    # The station's own counts win again at its next heartbeat; a message outside the contract changes nothing.
+    state.apply(_event("heartbeat", _beat("stopping", 6, published=7, passed=3, failed=2, skipped=1, errors=1)), 1, 2)
+    state.apply(_event("verdict", {"seq": 6, "verdict": "fail"}), 1, 2)
+    regs = state.registers()
+    assert [u32(regs, Addr.COUNTERS + 2 * i) for i in range(5)] == [7, 3, 2, 1, 1]
+    assert (regs[Addr.STATE], regs[Addr.ALIVE], u32(regs, Addr.REJECT_COUNT)) == (STATE_CODES["stopping"], 3, 1)
+    assert bit(regs[Addr.STATUS], ONLINE)
 
 
 def test_a_stale_acknowledge_does_not_take_the_next_result() -> None:

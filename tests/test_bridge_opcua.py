@@ -223,16 +223,26 @@ async def _live_after_welcome(url: str, bridge: subprocess.Popen[str], verdicts:
                        "LastVerdict.FrameId": verdicts[3]["frame_id"]}
 
 
+def _message(**fields: Any) -> Message:
+    """A verdict with every field station.verdict/1 requires; ``fields`` replace some."""
+    return {"schema": "station.verdict/1", "station": "x", "run_id": "r1", "seq": 0, "frame_id": "f.png",
+            "source": "test", "captured_at": "2026-12-02T05:00:00.000Z", "trigger": None,
+            "published_at": "2026-12-02T05:00:00.001Z", "verdict": "pass", "reasons": [], "class": None,
+            "anomaly": None, "error": None, "latency_ms": {}, "model": {"name": "t", "version": "1"}, "truth": None,
+            **fields}
+
+
 def _status(kind: Literal["welcome", "heartbeat"], run_id: str, next_seq: int, published: int,
             failed: int = 0) -> FeedEvent:
     counters = {"captured": published, "published": published, "inspected": published, "passed": published - failed,
                 "failed": failed, "skipped": 0, "errors": 0}
-    return FeedEvent(kind, {"run_id": run_id, "next_seq": next_seq, "state": "running",
-                            "counters": counters, "station": "s"})
+    extra = {"last_verdict": None} if kind == "welcome" else {"sent_at": "2026-12-02T05:00:00.000Z", "fps": 1.0}
+    return FeedEvent(kind, {"schema": f"station.{kind}/1", "run_id": run_id, "next_seq": next_seq,
+                            "state": "running", "counters": counters, "station": "s", **extra})
 
 
 def _verdict(run_id: str, seq: int, verdict: str) -> FeedEvent:
-    return FeedEvent("verdict", {"run_id": run_id, "seq": seq, "verdict": verdict, "reasons": [], "error": None})
+    return FeedEvent("verdict", _message(run_id=run_id, seq=seq, verdict=verdict))
 
 
 def test_counters_step_with_each_verdict_never_go_back_and_restart_with_a_new_run() -> None:
@@ -283,9 +293,10 @@ def _publisher(endpoint: str, welcome: Message) -> zmq.Socket[bytes]:
 
 
 def _fail(run_id: str, seq: int) -> list[bytes]:
-    message = {"schema": "station.verdict/1", "station": "x", "run_id": run_id, "seq": seq, "verdict": "fail",
-               "reasons": ["anomaly"], "class": {"label": "good", "confidence": 0.75},
-               "anomaly": {"score": 9.5, "threshold": 5.0}, "error": None}
+    message = _message(run_id=run_id, seq=seq, verdict="fail", reasons=["anomaly"],
+                       **{"class": {"label": "good", "confidence": 0.75, "scores": {"good": 0.75}}},
+                       anomaly={"score": 9.5, "threshold": 5.0,
+                                "region": {"bbox": None, "area_px": 0, "area_fraction": 0.0}})
     return [b"verdict.x", json.dumps(message).encode()]
 
 
@@ -341,7 +352,8 @@ def test_seq_0_notifies_for_the_first_bottle_and_again_for_the_first_bottle_of_e
             pub.send_multipart(_fail("r2", 0))
             await plc.until("seq 0 of the second run", lambda: notified(2))
             # Restarted again, announced by a heartbeat this time: no value until its first verdict.
-            heartbeat = {**_welcome("r3"), "schema": "station.heartbeat/1", "fps": 0.0}
+            heartbeat = {**_welcome("r3"), "schema": "station.heartbeat/1", "fps": 0.0,
+                         "sent_at": "2026-12-02T05:00:00.000Z"}
             pub.send_multipart([b"heartbeat.x", json.dumps(heartbeat).encode()])
 
             async def third_run() -> bool:

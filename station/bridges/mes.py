@@ -19,12 +19,12 @@ recorder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,34 @@ from station.contract.timefmt import iso_utc, iso_utc_ceil_ms, parse_instant
 from station.errors import EXIT_OK, ConfigError, StationError
 
 log = structlog.get_logger("station.bridge.mes")
+
+
+@dataclass(frozen=True)
+class MesOptions:
+    """``station bridge mes --db FILE``'s options (SQLite; PostgreSQL: mes_recorder.PgRecorderOptions)."""
+
+    db: Path
+    #: the stations' endpoints, for the log
+    connect: str | list[str] = ""
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """``station mes-query``'s options. Times are in the recorder's own form (timefmt.iso_utc_ceil_ms)."""
+
+    db: Path | str
+    verdict: str | None = None
+    since: str | None = None
+    until: str | None = None
+    run_id: str | None = None
+    #: the recorded gaps instead of verdicts
+    gaps: bool = False
+    #: counts by run and verdict instead of verdicts
+    summary: bool = False
+    #: at most this many rows (0: all)
+    limit: int = 0
+    #: one JSON object per line
+    json: bool = False
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -164,10 +192,10 @@ class Recorder:
         return True
 
 
-def run(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Event) -> int:
-    db = open_db(args.db, create=True)
+def run(options: MesOptions, feed: VerdictFeed, stop: threading.Event) -> int:
+    db = open_db(options.db, create=True)
     recorder = Recorder(db)
-    log.info("mes_recorder_started", db=str(args.db), connect=args.connect)
+    log.info("mes_recorder_started", db=str(options.db), connect=options.connect)
     try:
         while not stop.is_set():
             event = feed.next(0.2)
@@ -177,15 +205,15 @@ def run(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Event) -> i
                 recorder.record(event.verdict)
             except sqlite3.Error as exc:
                 # The disk is full or the file was taken away: say so and stop, systemd restarts us.
-                raise StationError(f"--db {args.db}: cannot record seq {event.verdict.get('seq')}: {exc}") from exc
+                raise StationError(f"--db {options.db}: cannot record seq {event.verdict.get('seq')}: {exc}") from exc
     finally:
         db.close()
     log.info("mes_recorder_stopped", recorded=recorder.recorded, gaps=recorder.gaps)
     return EXIT_OK
 
 
-def query(args: argparse.Namespace) -> int:
-    db = open_db(args.db, create=False)
+def query(args: QueryOptions) -> int:
+    db = open_db(Path(args.db), create=False)
     db.row_factory = sqlite3.Row
     try:
         rows = _select(db, args)
@@ -200,7 +228,7 @@ def query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def query_sql(args: Any, placeholder: str, instant_cast: str = "") -> tuple[str, list[Any]]:
+def query_sql(args: QueryOptions, placeholder: str, instant_cast: str = "") -> tuple[str, list[Any]]:
     """mes-query's SELECT and its parameters, for either back-end (SQLite ``?``, PostgreSQL ``%s``).
 
     ``instant_cast`` follows a time parameter (``::timestamptz`` on PostgreSQL, where times are typed;
@@ -233,6 +261,6 @@ def query_sql(args: Any, placeholder: str, instant_cast: str = "") -> tuple[str,
     return sql + order + (f" LIMIT {int(args.limit)}" if args.limit else ""), params
 
 
-def _select(db: sqlite3.Connection, args: argparse.Namespace) -> list[sqlite3.Row]:
+def _select(db: sqlite3.Connection, args: QueryOptions) -> list[sqlite3.Row]:
     sql, params = query_sql(args, "?")
     return db.execute(sql, params).fetchall()

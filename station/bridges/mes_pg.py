@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from station.bridges.mes import query_sql
+from station.bridges.mes import QueryOptions, query_sql
 from station.bridges.spool import Received
 from station.contract.timefmt import parse_instant
 from station.errors import ConfigError, MissingDependencyError, StationError
@@ -313,7 +313,7 @@ def _iso(value: Any) -> Any:
     return value
 
 
-def query_rows(url: str, args: Any) -> list[dict[str, Any]]:
+def query_rows(url: str, args: QueryOptions) -> list[dict[str, Any]]:
     """mes-query's rows from PostgreSQL: the same columns and order as from SQLite, times in the same text form."""
     psycopg, _ = _psycopg()
     from psycopg.rows import dict_row

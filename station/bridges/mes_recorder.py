@@ -19,10 +19,11 @@ meanwhile are recorded as a gap.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -38,6 +39,22 @@ log = structlog.get_logger("station.bridge.mes")
 BATCH_ROWS = 2000
 BATCH_S = 0.1
 RETRY_S = 2.0
+
+
+@dataclass(frozen=True)
+class PgRecorderOptions:
+    """``station bridge mes --db postgresql://…``'s options."""
+
+    db: str
+    #: where verdicts wait while the database is unreachable (None: the recorder stops instead)
+    spool: Path | None = None
+    spool_max_mb: float = 1024.0
+    #: HOST:PORT to serve Prometheus metrics on
+    metrics: str | None = None
+    #: TimescaleDB only: drop verdict chunks older than this
+    retention_days: int | None = None
+    #: the stations' endpoints, for the log
+    connect: str | list[str] = ""
 
 
 class MultiFeed(VerdictFeed):
@@ -143,11 +160,10 @@ class PgRecorder:
             self.flush(batch)  # now degraded: to the spool
 
 
-def run(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Event) -> int:
-    max_mb = getattr(args, "spool_max_mb", 1024)
-    spool = Spool(args.spool, int(max_mb * 2**20)) if getattr(args, "spool", None) else None
-    store = PgStore(str(args.db), retention_days=getattr(args, "retention_days", None))
-    metrics = Metrics(getattr(args, "metrics", None))
+def run(options: PgRecorderOptions, feed: VerdictFeed, stop: threading.Event) -> int:
+    spool = Spool(options.spool, int(options.spool_max_mb * 2**20)) if options.spool is not None else None
+    store = PgStore(options.db, retention_days=options.retention_days)
+    metrics = Metrics(options.metrics)
     recorder = PgRecorder(store, spool, metrics)
     if spool is not None:
         metrics.spool_bytes.set(spool.bytes_used)  # left by a previous run: drained first
@@ -159,7 +175,7 @@ def run(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Event) -> i
         recorder.degraded = True  # start anyway: the stream is spooled until the database is there
         metrics.degraded.set(1)
         log.error("mes_degraded", reason=str(exc).strip(), spool=str(spool.folder))
-    log.info("mes_recorder_started", db=_redact(str(args.db)), connect=args.connect, timescale=store.timescale,
+    log.info("mes_recorder_started", db=_redact(options.db), connect=options.connect, timescale=store.timescale,
              spool=str(spool.folder) if spool else None)
     migrated = not recorder.degraded
     batch: list[Received] = []

@@ -25,11 +25,12 @@ and the bridge logs ``mqtt_queue_full``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import ssl
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,14 +40,50 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from station.bridges import sparkplug as sp
 from station.bridges.feed import FeedEvent, VerdictFeed
-from station.contract.counters import Counters
+from station.contract.counters import COUNTER_KEYS, Counters
+from station.contract.messages import HeartbeatMessage, VerdictMessage
 from station.errors import EXIT_OK, ConfigError
 
 log = structlog.get_logger("station.bridge.mqtt")
 
 MAX_QUEUED = 100_000
 MAX_INFLIGHT = 1000
-COUNTER_NAMES = tuple(Counters().snapshot())
+COUNTER_NAMES = COUNTER_KEYS
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """``station bridge mqtt``'s options."""
+
+    #: mqtt://host:port, or mqtts://host:port for TLS
+    broker: str
+    mode: str = "json"
+    #: json mode: topics are PREFIX/<station>/verdict|state
+    prefix: str = "station"
+    #: sparkplug mode: the Sparkplug group id and the edge node id (the bridge)
+    group: str = "bottling"
+    node: str = "station-bridge"
+    #: default: station-bridge-NODE
+    client_id: str | None = None
+    username: str | None = None
+    #: the file holding the password (not on argv)
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: seconds; the will fires after 1.5x
+    keepalive: int = 15
+    #: the stations' endpoints, for the log
+    connect: str | list[str] = ""
+
+
+@dataclass
+class _Station:
+    """What the bridge last heard of one station."""
+
+    state: str | None = None
+    counters: Counters | None = None
+    verdict: VerdictMessage | None = None
 
 
 def _broker(url: str) -> tuple[str, int, bool]:
@@ -58,18 +95,18 @@ def _broker(url: str) -> tuple[str, int, bool]:
 
 
 class MqttBridge:
-    def __init__(self, args: argparse.Namespace) -> None:
-        host, port, tls = _broker(args.broker)
-        self.mode: str = args.mode
-        self.prefix: str = args.prefix.rstrip("/")
-        self.group: str = args.group
-        self.node: str = args.node
-        self.client_id: str = args.client_id or f"station-bridge-{self.node}"
+    def __init__(self, options: MqttOptions) -> None:
+        host, port, tls = _broker(options.broker)
+        self.mode: str = options.mode
+        self.prefix: str = options.prefix.rstrip("/")
+        self.group: str = options.group
+        self.node: str = options.node
+        self.client_id: str = options.client_id or f"station-bridge-{self.node}"
         self._lock = threading.Lock()  # paho's callbacks run on its network thread
         self._seq = 0
         self.bd_seq = 0
         self.connected = threading.Event()
-        self._stations: dict[str, dict[str, Any]] = {}  # station → {"state", "counters", "verdict"}
+        self._stations: dict[str, _Station] = {}
         self._born: set[str] = set()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
                         clean_session=True)
@@ -77,19 +114,19 @@ class MqttBridge:
         # paho's default of 20 unacknowledged QoS 1 messages caps a bridge at 20 per round trip: too few for a plant
         c.max_inflight_messages_set(MAX_INFLIGHT)
         c.reconnect_delay_set(1, 30)
-        if args.password_file and not args.username:
+        if options.password_file and not options.username:
             raise ConfigError("--password-file needs --username")
-        if args.username:
+        if options.username:
             try:
-                password = args.password_file.read_text().strip() if args.password_file else None
+                password = options.password_file.read_text().strip() if options.password_file else None
             except OSError as exc:
-                raise ConfigError(f"--password-file: cannot read {args.password_file}: {exc}") from exc
-            c.username_pw_set(args.username, password)
-        if tls or args.tls_ca:
+                raise ConfigError(f"--password-file: cannot read {options.password_file}: {exc}") from exc
+            c.username_pw_set(options.username, password)
+        if tls or options.tls_ca:
             try:
-                c.tls_set(ca_certs=str(args.tls_ca) if args.tls_ca else None,
-                          certfile=str(args.tls_cert) if args.tls_cert else None,
-                          keyfile=str(args.tls_key) if args.tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
+                c.tls_set(ca_certs=str(options.tls_ca) if options.tls_ca else None,
+                          certfile=str(options.tls_cert) if options.tls_cert else None,
+                          keyfile=str(options.tls_key) if options.tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError(f"--tls-ca/--tls-cert/--tls-key: {exc}") from exc
         c.on_connect = self._on_connect
@@ -98,9 +135,9 @@ class MqttBridge:
         self.client = c
         self._set_will()
         try:
-            c.connect_async(host, port, keepalive=args.keepalive)
+            c.connect_async(host, port, keepalive=options.keepalive)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"--broker {args.broker}: {exc}") from exc
+            raise ConfigError(f"--broker {options.broker}: {exc}") from exc
 
     # --- topics and payloads -------------------------------------------------------------
 
@@ -126,12 +163,11 @@ class MqttBridge:
 
     def _device_metrics(self, station: str, birth: bool) -> list[tuple[str, int, Any]]:
         s = self._stations[station]
-        metrics: list[tuple[str, int, Any]] = [("State", sp.STRING, s.get("state"))]
-        counters = s.get("counters") or {}
-        metrics += [(f"Counters/{k}", sp.UINT64, int(counters[k]) if isinstance(counters.get(k), int) else None)
+        metrics: list[tuple[str, int, Any]] = [("State", sp.STRING, s.state)]
+        metrics += [(f"Counters/{k}", sp.UINT64, getattr(s.counters, k) if s.counters is not None else None)
                     for k in COUNTER_NAMES]
-        if birth or s.get("verdict") is not None:
-            metrics += _verdict_metrics(s.get("verdict"))
+        if birth or s.verdict is not None:
+            metrics += _verdict_metrics(s.verdict)
         return metrics
 
     def _birth_node(self) -> None:
@@ -185,37 +221,40 @@ class MqttBridge:
     # --- the stream (feed thread) ------------------------------------------------------------
 
     def handle(self, event: FeedEvent) -> None:
-        m = event.message
-        station = str(m.get("station"))
+        m = event.model
+        if m is None:
+            log.warning("message_ignored", kind=event.kind, reason=event.invalid)
+            return
+        station = m.station
         with self._lock:
-            s = self._stations.setdefault(station, {"state": None, "counters": {}, "verdict": None})
-            if event.kind in ("welcome", "heartbeat"):
-                s["state"], s["counters"] = m.get("state"), m.get("counters") or {}
-            if event.verdict is not None:
-                s["verdict"] = event.verdict
+            s = self._stations.setdefault(station, _Station())
+            if not isinstance(m, VerdictMessage):
+                s.state, s.counters = m.state, m.counters
+            if event.verdict_model is not None:
+                s.verdict = event.verdict_model
             if self.mode == "json":
                 self._json(event, station)
             elif self.connected.is_set():
                 self._sparkplug(event, station)
 
     def _json(self, event: FeedEvent, station: str) -> None:
-        s = self._stations[station]
-        if event.kind == "verdict":
-            self._publish(f"{self.prefix}/{station}/verdict", json.dumps(event.message, separators=(",", ":")).encode())
-        else:
-            state = {"station": station, "state": s["state"], "counters": s["counters"],
-                     "run_id": event.message.get("run_id"), "next_seq": event.message.get("next_seq"),
-                     "at": event.message.get("sent_at")}
-            self._publish(f"{self.prefix}/{station}/state", json.dumps(state, separators=(",", ":")).encode(),
-                          retain=True)
+        s, m = self._stations[station], event.model
+        if isinstance(m, VerdictMessage):
+            self._publish(f"{self.prefix}/{station}/verdict", _json(m.model_dump(mode="json", by_alias=True)))
+        elif m is not None:
+            state = {"station": station, "state": s.state,
+                     "counters": s.counters.snapshot() if s.counters is not None else {},
+                     "run_id": m.run_id, "next_seq": m.next_seq,
+                     "at": m.sent_at if isinstance(m, HeartbeatMessage) else None}
+            self._publish(f"{self.prefix}/{station}/state", _json(state), retain=True)
 
     def _sparkplug(self, event: FeedEvent, station: str) -> None:
         if station not in self._born:
             self._birth_device(station)
             return
         now = int(time.time() * 1000)
-        if event.kind == "verdict":
-            metrics = _verdict_metrics(event.message)
+        if isinstance(event.model, VerdictMessage):
+            metrics = _verdict_metrics(event.model)
         else:
             metrics = self._device_metrics(station, False)[:1 + len(COUNTER_NAMES)]
         self._publish(self._sp_topic("DDATA", station), sp.payload(now, metrics, self._next_seq()))
@@ -233,31 +272,34 @@ class MqttBridge:
         self.client.loop_stop()
 
 
-def _verdict_metrics(v: dict[str, Any] | None) -> list[tuple[str, int, Any]]:
-    v = v or {}
-    raw_cls, raw_anomaly = v.get("class"), v.get("anomaly")
-    cls: dict[str, Any] = raw_cls if isinstance(raw_cls, dict) else {}
-    anomaly: dict[str, Any] = raw_anomaly if isinstance(raw_anomaly, dict) else {}
-    seq = v.get("seq")
-
-    def num(x: Any) -> float | None:
-        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-    return [("Last Verdict/seq", sp.UINT64, seq if isinstance(seq, int) and seq >= 0 else None),
-            ("Last Verdict/run_id", sp.STRING, v.get("run_id")),
-            ("Last Verdict/verdict", sp.STRING, v.get("verdict")),
-            ("Last Verdict/reasons", sp.STRING, ",".join(map(str, v.get("reasons") or [])) if v else None),
-            ("Last Verdict/class", sp.STRING, cls.get("label")),
-            ("Last Verdict/confidence", sp.DOUBLE, num(cls.get("confidence"))),
-            ("Last Verdict/anomaly_score", sp.DOUBLE, num(anomaly.get("score"))),
-            ("Last Verdict/frame_id", sp.STRING, v.get("frame_id")),
-            ("Last Verdict/captured_at", sp.STRING, v.get("captured_at"))]
+def _json(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
 
 
-def run(args: argparse.Namespace, feed: VerdictFeed, stop: threading.Event) -> int:
-    bridge = MqttBridge(args)
+def _verdict_metrics(v: VerdictMessage | None) -> list[tuple[str, int, Any]]:
+    """The Last Verdict metrics; all null (typed) before the station's first verdict."""
+    if v is None:
+        return [("Last Verdict/seq", sp.UINT64, None), ("Last Verdict/run_id", sp.STRING, None),
+                ("Last Verdict/verdict", sp.STRING, None), ("Last Verdict/reasons", sp.STRING, None),
+                ("Last Verdict/class", sp.STRING, None), ("Last Verdict/confidence", sp.DOUBLE, None),
+                ("Last Verdict/anomaly_score", sp.DOUBLE, None), ("Last Verdict/frame_id", sp.STRING, None),
+                ("Last Verdict/captured_at", sp.STRING, None)]
+    cls, anomaly = v.class_, v.anomaly
+    return [("Last Verdict/seq", sp.UINT64, v.seq),
+            ("Last Verdict/run_id", sp.STRING, v.run_id),
+            ("Last Verdict/verdict", sp.STRING, v.verdict),
+            ("Last Verdict/reasons", sp.STRING, ",".join(v.reasons)),
+            ("Last Verdict/class", sp.STRING, cls.label if cls is not None else None),
+            ("Last Verdict/confidence", sp.DOUBLE, float(cls.confidence) if cls is not None else None),
+            ("Last Verdict/anomaly_score", sp.DOUBLE, float(anomaly.score) if anomaly is not None else None),
+            ("Last Verdict/frame_id", sp.STRING, v.frame_id),
+            ("Last Verdict/captured_at", sp.STRING, v.captured_at)]
+
+
+def run(options: MqttOptions, feed: VerdictFeed, stop: threading.Event) -> int:
+    bridge = MqttBridge(options)
     bridge.client.loop_start()
-    log.info("mqtt_bridge_started", broker=args.broker, mode=args.mode, connect=args.connect)
+    log.info("mqtt_bridge_started", broker=options.broker, mode=options.mode, connect=options.connect)
     try:
         while not stop.is_set():
             event = feed.next(0.2)

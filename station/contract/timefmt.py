@@ -45,3 +45,9 @@ def iso_utc_ceil_ms(dt: datetime) -> str:
     if whole != utc:
         whole += timedelta(milliseconds=1)
     return _iso_ms(whole)
+
+
+def instant_of(timestamp: str) -> datetime:
+    """A message's timestamp (``iso_utc``'s form) as an aware UTC datetime."""
+    # Python 3.10 (a Jetson's) does not read a trailing Z.
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone(timezone.utc)

@@ -1,22 +1,25 @@
 """The verdict message: schema ``station.verdict/1`` (contract with PLC/MES bridges).
 
-The JSON Schema lives in ``station/schemas/verdict-1.schema.json``; a test
-validates every published message against it.
+Built through ``station.contract.messages.VerdictMessage``; the JSON Schema
+``station/schemas/verdict-1.schema.json`` is generated from that model, and a
+test validates every published message against it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from station.contract.messages import VERDICT_SCHEMA, VerdictMessage
+from station.contract.messages import Trigger as MessageTrigger
+from station.contract.messages import encode as encode
 from station.contract.timefmt import iso_utc
 from station.core.decide import FAIL, REASON_ERROR, REASON_OVERLOAD, SKIPPED, Decision
-from station.core.frame import Frame
+from station.core.frame import Frame, Trigger
 from station.core.inspector import Scores
 
-SCHEMA = "station.verdict/1"
-#: Frame.meta keys a source may set, published as the verdict's ``trigger`` object
+SCHEMA = VERDICT_SCHEMA
+#: the Trigger fields published as the verdict's ``trigger`` object, in this order
 TRIGGER_KEYS = ("block_id", "count", "encoder", "camera_timestamp")
 
 
@@ -39,53 +42,44 @@ class Verdict:
     def label(self) -> str | None:
         return self.decision.label if self.decision else None
 
-    def to_message(self, station: str, run_id: str, seq: int, published_at: float) -> dict[str, Any]:
+    def to_model(self, station: str, run_id: str, seq: int, published_at: float) -> VerdictMessage:
         d = self.decision
-        msg: dict[str, Any] = {
-            "schema": SCHEMA,
+        cls: dict[str, Any] | None = None
+        anomaly: dict[str, Any] | None = None
+        if d is not None:
+            cls = {"label": d.label, "confidence": round(d.confidence, 6),
+                   "scores": {k: round(v, 6) for k, v in d.scores.items()}}
+            anomaly = {"score": round(d.anomaly_score, 6), "threshold": self.threshold, "region": {
+                "bbox": list(d.region.bbox) if d.region.bbox else None, "area_px": d.region.area_px,
+                "area_fraction": round(d.region.area_fraction, 6)}}
+        return VerdictMessage.model_validate({
             "station": station,
             "run_id": run_id,
             "seq": seq,
             "frame_id": self.frame.frame_id,
             "source": self.frame.source,
             "captured_at": iso_utc(self.frame.captured_at),
-            "trigger": _trigger_of(self.frame.meta),
+            "trigger": _trigger_of(self.frame.trigger),
             "published_at": iso_utc(published_at),
             "verdict": self.verdict,
             "reasons": list(self.reasons),
-            "class": None,
-            "anomaly": None,
+            "class": cls,
+            "anomaly": anomaly,
             "error": self.error,
             "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
             "model": self.model,
             "truth": self.frame.label,
-        }
-        if d is not None:
-            msg["class"] = {
-                "label": d.label,
-                "confidence": round(d.confidence, 6),
-                "scores": {k: round(v, 6) for k, v in d.scores.items()},
-            }
-            msg["anomaly"] = {
-                "score": round(d.anomaly_score, 6),
-                "threshold": self.threshold,
-                "region": {
-                    "bbox": list(d.region.bbox) if d.region.bbox else None,
-                    "area_px": d.region.area_px,
-                    "area_fraction": round(d.region.area_fraction, 6),
-                },
-            }
-        return msg
+        })
+
+    def to_message(self, station: str, run_id: str, seq: int, published_at: float) -> dict[str, Any]:
+        """The message as published, a dict in wire order (``encode`` gives its bytes)."""
+        return self.to_model(station, run_id, seq, published_at).model_dump(mode="json", by_alias=True)
 
 
-def _trigger_of(meta: dict[str, Any]) -> dict[str, int | None] | None:
-    if not any(k in meta for k in TRIGGER_KEYS):
+def _trigger_of(trigger: Trigger | None) -> MessageTrigger | None:
+    if trigger is None:
         return None
-    return {k: meta.get(k) for k in TRIGGER_KEYS}
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return MessageTrigger(**{k: getattr(trigger, k) for k in TRIGGER_KEYS})
 
 
 def error_verdict(frame: Frame, reason: str, detail: str, model: dict[str, str]) -> Verdict:

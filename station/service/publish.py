@@ -29,13 +29,12 @@ from typing import Any
 import zmq
 
 from station.contract.counters import Counters
+from station.contract.messages import HeartbeatMessage, WelcomeMessage, encode, encode_model
 from station.contract.timefmt import iso_utc
-from station.core.verdict import Verdict, encode
+from station.core.verdict import Verdict
 from station.errors import PublishError
 from station.service.security import ClientKeys, CurveServer, ServerKeys, apply_client
 
-HEARTBEAT_SCHEMA = "station.heartbeat/1"
-WELCOME_SCHEMA = "station.welcome/1"
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 
@@ -85,7 +84,8 @@ class VerdictPublisher:
         self._welcome_topic = welcome_topic(station).encode()
         self._last_verdict: bytes = b"null"
         # A subscriber that joins before the first heartbeat still gets every counter (all zero).
-        self._status: dict[str, Any] = {"state": "starting", "counters": Counters().snapshot()}
+        self._state = "starting"
+        self._counters = Counters()
         self._ctx = context or zmq.Context.instance()
         self._curve = CurveServer(curve, self._ctx) if curve is not None else None
         self._sock = self._ctx.socket(zmq.XPUB)
@@ -110,8 +110,12 @@ class VerdictPublisher:
         self.subscribers = 0
 
     def _update_welcome(self) -> None:
-        head = json.dumps({"schema": WELCOME_SCHEMA, "station": self.station, "run_id": self.run_id,
-                           "next_seq": self.seq, **self._status}, separators=(",", ":"))
+        welcome = WelcomeMessage.model_validate({"station": self.station, "run_id": self.run_id, "next_seq": self.seq,
+                                                 "state": self._state, "counters": self._counters,
+                                                 "last_verdict": None})
+        # ASCII-escaped, unlike verdicts and heartbeats: the welcome's head has always been.
+        head = json.dumps(welcome.model_dump(mode="json", by_alias=True, exclude={"last_verdict"}),
+                          separators=(",", ":"))
         # The last verdict is spliced in as already encoded, rather than decoded and encoded again.
         body = head[:-1].encode() + b',"last_verdict":' + self._last_verdict + b"}"
         self._sock.setsockopt(zmq.XPUB_WELCOME_MSG, self._welcome_topic + b" " + body)
@@ -153,20 +157,21 @@ class VerdictPublisher:
 
     def publish(self, verdict: Verdict, counters: dict[str, int] | None = None) -> dict[str, Any]:
         """Send one verdict; ``counters`` (the station's, this verdict counted) go into the welcome."""
-        message = verdict.to_message(self.station, self.run_id, self.seq, time.time())
+        model = verdict.to_model(self.station, self.run_id, self.seq, time.time())
+        message = model.model_dump(mode="json", by_alias=True)
         payload = encode(message)
         self._sock.send_multipart([self._verdict_topic, payload])
         self.seq += 1
         self._last_verdict = payload
         if counters is not None:
-            self._status = {**self._status, "counters": counters}
+            self._counters = Counters(**counters)
         self._update_welcome()
         self._drain_subscriptions()
         return message
 
     def heartbeat(self, state: str, counters: dict[str, int], fps: float, extra: dict[str, Any] | None = None) -> None:
-        message = {
-            "schema": HEARTBEAT_SCHEMA,
+        """``extra``: the heartbeat's ``drift`` and, with a camera source, ``camera``."""
+        message = HeartbeatMessage.model_validate({
             "station": self.station,
             "run_id": self.run_id,
             "state": state,
@@ -175,9 +180,9 @@ class VerdictPublisher:
             "counters": counters,
             "fps": round(fps, 3),
             **(extra or {}),
-        }
-        self._sock.send_multipart([self._heartbeat_topic, encode(message)])
-        self._status = {"state": state, "counters": counters}
+        })
+        self._sock.send_multipart([self._heartbeat_topic, encode_model(message)])
+        self._state, self._counters = message.state, message.counters
         self._update_welcome()
 
     def close(self) -> None:

@@ -1,8 +1,10 @@
 """`station soak`: many frames through the daemon to an outside subscriber; nothing lost, memory flat.
 
 The frames are synthetic bottles rendered once and cycled (a camera's frames,
-without the disk). The subscriber is a separate `station subscribe` process
-on 127.0.0.1, so every verdict crosses a real socket to a real reader. The
+without the disk). The subscriber is a separate `station subscribe --json`
+process on 127.0.0.1, so every verdict crosses a real socket to a real reader;
+each line it prints is parsed as a ``station.verdict/1`` message, and the
+gaps are counted here from their ``seq``. The
 station's resident memory is sampled as it runs: the baseline is taken once
 the first tenth of the frames is through (allocator arenas and ONNX Runtime's
 caches settled), growth is the last sample against it.
@@ -11,7 +13,6 @@ caches settled), growth is the last sample against it.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -20,15 +21,17 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from station.contract.messages import VerdictMessage
 from station.core.pipeline import Pipeline
 from station.core.verdict import Verdict
 from station.errors import StationError
-from station.service.daemon import Station
-from station.service.publish import VerdictPublisher
+from station.service.daemon import Station, StationHooks, StationSettings
+from station.service.publish import SequenceTracker, VerdictPublisher
 from station.tools.bench import MemorySource, free_endpoint, synth_images
 
 MAX_GROWTH = 0.05
-_SUMMARY = re.compile(r"subscribe: (\d+) verdicts .*; (\d+) gaps, (\d+) missed")
 
 
 def rss_bytes() -> int:
@@ -87,34 +90,51 @@ def soak(pipeline: Pipeline, frames: int, workers: int, distinct: int = 60) -> S
     publisher = VerdictPublisher(endpoint, "soak", uuid.uuid4().hex)
     subscriber = subprocess.Popen(
         [sys.executable, "-m", "station.cli", "subscribe", "--connect", endpoint, "--station-id", "soak",
-         "--exit-on-stop"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--exit-on-stop", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
     probe = _MemoryProbe(frames)
     try:
         if publisher.wait_for_subscribers(1, 30.0) < 1:
             raise StationError("the soak's subscriber did not connect within 30 s")
-        station = Station(pipeline, MemorySource(images, count=frames), "soak", publisher.run_id, publisher,
-                          [], workers=workers, on_verdict=probe)
+        station = Station(pipeline, MemorySource(images, count=frames),
+                          StationSettings("soak", publisher.run_id, workers=workers), publisher,
+                          StationHooks(on_verdict=probe))
         t0 = time.monotonic()
         counters = station.run(threading.Event())
         seconds = time.monotonic() - t0
         final = rss_bytes()
         try:
-            _, err = subscriber.communicate(timeout=120)
+            out, err = subscriber.communicate(timeout=120)
         except subprocess.TimeoutExpired as exc:
             raise StationError("the soak's subscriber did not finish within 120 s of the last verdict") from exc
     finally:
         subscriber.kill()
         publisher.close()
-    match = _SUMMARY.search(err)
-    if match is None:
-        raise StationError(f"the soak's subscriber gave no summary: {err[-500:]}")
-    received, gaps, missed = (int(g) for g in match.groups())
+    if subscriber.returncode != 0:
+        raise StationError(f"the soak's subscriber exited {subscriber.returncode}: {err[-500:]}")
+    received, gaps, missed = count_received(out.splitlines())
     baseline = probe.baseline or final
     growth = (final - baseline) / baseline
     ok = counters.captured == counters.published == received == frames and gaps == 0 and growth < MAX_GROWTH
     mb = 1 / 2**20
     return SoakReport(frames, counters.captured, counters.published, received, gaps, missed, seconds,
                       frames / seconds, baseline * mb, final * mb, max(probe.maximum, final) * mb, growth, ok)
+
+
+def count_received(lines: list[str]) -> tuple[int, int, int]:
+    """(verdicts received, gaps, verdicts missed) from ``station subscribe --json``'s lines.
+
+    A line that is not a valid verdict message is not counted as received, so it shows as a gap.
+    """
+    tracker = SequenceTracker()
+    received = 0
+    for line in lines:
+        try:
+            verdict = VerdictMessage.model_validate_json(line)
+        except ValidationError:
+            continue
+        received += 1
+        tracker.observe(verdict.run_id, verdict.seq)
+    return received, tracker.gaps, tracker.missed
 
 
 def write_json(report: SoakReport, path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from station.bridges.feed import FeedEvent
 from station.contract.counters import Counters
+from station.contract.liveness import Liveness
 
 Row = dict[str, Any]
 
@@ -28,8 +29,7 @@ TREND_HOURS = 24
 #: anomaly scores of recent bottles for the distribution chart
 SCORE_HISTORY = 2000
 HISTOGRAM_BINS = 30
-#: a station silent for longer than this many heartbeat intervals (at least MIN_STALE_S) is shown as lost
-STALE_INTERVALS = 3.0
+#: a station silent for three heartbeat intervals (station/contract/liveness.py), at least this, is shown as lost
 MIN_STALE_S = 3.0
 #: a note (restart, reconnect) stays a banner this long
 NOTE_BANNER_S = 120.0
@@ -49,22 +49,6 @@ def compact(m: dict[str, Any]) -> Row:
         "latency_ms": latency.get("total"), "captured_at": m.get("captured_at"),
         "published_at": m.get("published_at"), "truth": m.get("truth"), "error": error.get("reason"),
     }
-
-
-def _count(counters: Counters, row: Row) -> None:
-    """As the station counts a published verdict (station/service/daemon.py), so the two stay equal."""
-    counters.captured = max(counters.captured, counters.published + 1)
-    counters.published += 1
-    if row["verdict"] == "skipped":
-        counters.skipped += 1
-    elif row["error"] is not None:
-        counters.errors += 1
-    else:
-        counters.inspected += 1
-    if row["verdict"] == "pass":
-        counters.passed += 1
-    elif row["verdict"] == "fail":
-        counters.failed += 1
 
 
 class Breakdown:
@@ -129,9 +113,8 @@ class LiveState:
         self.run_seen = Breakdown()
         self.run_missed = 0
         self.run_gaps = 0
-        self._last_contact: float | None = None
-        self._last_heartbeat: float | None = None
-        self._heartbeat_interval = 1.0
+        # Smoothed, so one late heartbeat does not move the staleness limit much.
+        self.liveness = Liveness(floor_s=MIN_STALE_S, heartbeat_interval_s=1.0, smoothing=0.2)
         self.notes: deque[tuple[float, str]] = deque(maxlen=20)
         #: every verdict row received, newest last; ``total`` counts all ever added (an SSE cursor)
         self.recent: deque[Row] = deque(maxlen=recent_max)
@@ -149,7 +132,7 @@ class LiveState:
         m = event.message
         now = self._clock()
         with self.cond:
-            self._last_contact = self._mono()
+            self.liveness.heard(self._mono(), event.kind == "heartbeat")
             run_id = m.get("run_id")
             if isinstance(run_id, str) and run_id != self.run_id:
                 self._new_run(run_id)
@@ -189,11 +172,6 @@ class LiveState:
         if isinstance(m.get("state"), str):
             self.state = m["state"]
         if kind == "heartbeat":
-            mono = self._mono()
-            if self._last_heartbeat is not None:
-                # Smoothed, so one late heartbeat does not move the staleness limit much.
-                self._heartbeat_interval = 0.8 * self._heartbeat_interval + 0.2 * (mono - self._last_heartbeat)
-            self._last_heartbeat = mono
             self.camera = m.get("camera") if isinstance(m.get("camera"), dict) else None
             self.drift = m.get("drift")
             self.fps = m.get("fps") if isinstance(m.get("fps"), (int, float)) else None
@@ -204,7 +182,7 @@ class LiveState:
     def _verdict(self, m: dict[str, Any], now: float) -> None:
         row = compact(m)
         row["received_at"] = now
-        _count(self.counters, row)
+        self.counters.count(str(row["verdict"]), row["error"] is not None)
         self.model = m.get("model") if isinstance(m.get("model"), dict) else self.model
         self.run_seen.add(row)
         self.recent.append(row)
@@ -239,10 +217,9 @@ class LiveState:
 
     def contact(self) -> dict[str, Any]:
         mono = self._mono()
-        age = None if self._last_contact is None else mono - self._last_contact
-        stale_after = max(MIN_STALE_S, STALE_INTERVALS * self._heartbeat_interval)
-        return {"age_s": None if age is None else round(age, 1), "lost": age is None or age > stale_after,
-                "stale_after_s": round(stale_after, 1)}
+        age = self.liveness.silent_s(mono)
+        return {"age_s": None if age is None else round(age, 1), "lost": not self.liveness.online(mono),
+                "stale_after_s": round(self.liveness.window_s, 1)}
 
     def summary(self) -> dict[str, Any]:
         """The page's header, counters, banners and trends; recomputed at most twice a second per change."""
@@ -281,7 +258,7 @@ class LiveState:
 
     def _banners(self, now: float, contact: dict[str, Any]) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
-        if self._last_contact is None:
+        if self.liveness.last_message is None:
             out.append({"level": "error", "kind": "waiting",
                         "text": f"Waiting for the station at {self.endpoint}: nothing received yet."})
         elif contact["lost"] and self.state != "stopped":  # a stopped station is silent by design: its own banner
