@@ -278,6 +278,7 @@ def test_drift_clears_when_the_line_comes_back_and_logs_once_each_way(
     assert sum('"drift_cleared"' in line for line in lines) == 1
 
 
+@pytest.mark.slow
 def test_a_clean_line_of_500_bottles_never_raises_drift_at_the_default_window(
         bundle: Path, clean_line: Path, tmp_path: Path) -> None:
     images = _images(clean_line)

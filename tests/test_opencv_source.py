@@ -11,7 +11,8 @@ import cv2
 import pytest
 
 from station.errors import ConfigError
-from station.sources.opencv import classify, gstreamer_pipeline
+from station.sources.opencv import gstreamer_pipeline
+from station.sources.uri import classify
 from tests.conftest import free_endpoint, run_station
 from tests.stationproc import StationProcess
 

@@ -49,7 +49,7 @@ def test_training_and_serving_tensors_are_identical(bundle: Path, synth_root: Pa
             assert frame.image is None, "replay defers decoding to the inspection workers"
             frame.load()
             assert frame.image is not None
-            served[frame.meta["path"]] = preprocess(frame.image, spec)
+            served[str(frame.path)] = preprocess(frame.image, spec)
     for n, item in enumerate(items):
         inputs = served[str(item.path)]
         assert torch.equal(torch.from_numpy(inputs.classifier[0]), x_cls[n])

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from station.errors import ConfigError
-from station.service.config import PylonSourceConfig
+from station.sources.settings import PylonSourceConfig
 from tests.conftest import free_endpoint, run_station
 from tests.stationproc import StationProcess
 
@@ -85,7 +85,7 @@ def test_sigterm_on_emulated_camera_gives_one_verdict_per_captured_frame(
 
 def test_latest_image_only_turns_dropped_frames_into_skipped_frames(camera_images: Path, emulator: None) -> None:
     """pylon drops frames a slow consumer missed; each one still becomes a frame, marked camera_skipped."""
-    from station.sources.camera import SKIP_REASON, CameraSource
+    from station.sources.camera import CameraSource
     from station.sources.pylon import PylonCamera
 
     config = PylonSourceConfig.model_validate(
@@ -101,13 +101,16 @@ def test_latest_image_only_turns_dropped_frames_into_skipped_frames(camera_image
     while grabber.Value < delivered + 4:
         stop.wait(0.005)
     batch = [next(frames)]
-    while SKIP_REASON in batch[-1].meta:
+    while batch[-1].skip_reason is not None:
         batch.append(next(frames))
     stop.set()
     frames.close()
-    skipped = [f for f in batch if f.meta.get(SKIP_REASON) == "camera_skipped"]
+    skipped = [f for f in batch if f.skip_reason == "camera_skipped"]
     assert len(skipped) >= 3 and all(f.image is None for f in skipped)
-    assert batch[-1].image is not None and SKIP_REASON not in batch[-1].meta
+    assert batch[-1].image is not None and batch[-1].skip_reason is None
+    # the delivered frames carry pylon's block id and timestamp, published as the verdict's trigger
+    for f in (first, batch[-1]):
+        assert f.trigger is not None and f.trigger.block_id == int(f.frame_id.split("/")[1])
     # Block ids are consecutive: pylon's skipped count named exactly the frames that were dropped.
     blocks = [int(f.frame_id.split("/")[1]) for f in [first, *batch]]
     assert blocks == list(range(blocks[0], blocks[0] + len(blocks)))

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pytest
 
 from station.core.frame import Frame
 from station.core.verdict import Verdict
-from station.service.daemon import Station
+from station.service.daemon import Station, StationHooks, StationSettings
 from station.tools.bench import MemorySource
 from tests.stationproc import StationProcess
 
@@ -32,6 +33,7 @@ def _signal(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:
         proc.send_signal(signum)
 
 
+@pytest.mark.slow
 def test_double_sigterm_at_random_moments_exits_0_with_every_frame_published(bundle: Path, eval_root: Path,
                                                                             tmp_path: Path) -> None:
     images = sorted(p for cls in sorted(eval_root.iterdir()) for p in sorted(cls.iterdir()))
@@ -87,6 +89,7 @@ class SlowPipeline:
     """Frame 0 holds its worker until released, so later frames are still queued when finish_now comes."""
 
     model: ClassVar[dict[str, str]] = {"name": "slow", "version": "1"}
+    drift = None  # no drift watch, as a pipeline built without a drift window
 
     def __init__(self) -> None:
         self.started = threading.Event()
@@ -103,8 +106,9 @@ def test_finish_now_publishes_the_frame_in_inspection_and_skips_the_queued_ones(
     pipeline = SlowPipeline()
     images = [np.zeros((4, 4, 3), np.uint8)] * 6
     published: list[dict[str, Any]] = []
-    station = Station(pipeline, MemorySource(images), "cam1", "run",  # type: ignore[arg-type]
-                      sinks=[lambda _v, m: published.append(m)], workers=1, queue_size=8)
+    station = Station(pipeline, MemorySource(images),  # type: ignore[arg-type]
+                      StationSettings("cam1", "run", workers=1, queue_size=8),
+                      hooks=StationHooks(sinks=[lambda _v, m: published.append(m)]))
     stop, finish_now = threading.Event(), threading.Event()
     runner = threading.Thread(target=lambda: station.run(stop, finish_now))
     runner.start()
@@ -116,7 +120,7 @@ def test_finish_now_publishes_the_frame_in_inspection_and_skips_the_queued_ones(
     assert not runner.is_alive()
     assert [(m["seq"], m["verdict"], m["reasons"]) for m in published] == (
         [(0, "pass", [])] + [(i, "skipped", ["shutdown"]) for i in range(1, 6)])
-    c = station.contract.counters
+    c = station.counters
     assert c.captured == c.published == 6 and c.inspected == 1 and c.skipped == 5
 
 

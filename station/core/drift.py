@@ -55,23 +55,16 @@ import functools
 import math
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import structlog
 
 from station.contract.timefmt import iso_utc
 from station.core.bundle import DriftManifest, DriftQuantity
-from station.core.folders import GOOD
-from station.core.imageio import read_image
-from station.core.preprocess import ModelInputs, PreprocessSpec, preprocess
-from station.sources.folder import load_frame
-
-if TYPE_CHECKING:
-    from station.core.pipeline import Pipeline
+from station.core.preprocess import ModelInputs, PreprocessSpec
 
 log = structlog.get_logger("station.drift")
 
@@ -142,7 +135,7 @@ def view_measures(inputs: ModelInputs, spec: PreprocessSpec) -> tuple[float, flo
     return offset, m.radius / size, float(gray.mean()) + sum(norm.mean) / 3, float(gray.std())
 
 
-# -- reference statistics (training) -----------------------------------------------------------
+# -- reference statistics (built for the bundle by station/tools/drift_reference.py) -----------
 
 
 def reference(values: Sequence[float], side: Side, source: str, floor: float = 0.0) -> DriftQuantity:
@@ -153,44 +146,6 @@ def reference(values: Sequence[float], side: Side, source: str, floor: float = 0
         scale = max(abs(median) * 1e-3, 1e-9)
     return DriftQuantity(side=side, n=len(v), median=median, scale=scale,
                          q_low=float(np.quantile(v, TAIL)), q_high=float(np.quantile(v, 1 - TAIL)), source=source)
-
-
-def drift_reference(pipeline: Pipeline, good_images: Iterable[Path], holdout_good: Iterable[Path],
-                    anomaly_scores: Sequence[float], threshold: float) -> DriftManifest:
-    """The bundle's ``drift`` section, from the training data, by the serving code itself.
-
-    ``good_images``: every good image of the training data; geometry and photometry do not depend on
-    the models, so all of them are a sample of the line. ``anomaly_scores``: the out-of-sample scores
-    the threshold was chosen on (cross-fitted). ``holdout_good``: good images neither model trained on,
-    run through ``pipeline`` for P(good).
-    """
-    spec = pipeline.inspector.preprocess_spec
-    measures: dict[str, list[float]] = {MOUTH_OFFSET: [], MOUTH_RADIUS: [], BRIGHTNESS: [], CONTRAST: []}
-    for path in good_images:
-        for name, value in zip(measures, view_measures(preprocess(read_image(path), spec), spec), strict=True):
-            measures[name].append(value)
-    confidences = []
-    for path in holdout_good:
-        verdict = pipeline.process(load_frame(path, 0, path.parent, "train", GOOD))
-        if verdict.decision is not None and verdict.verdict == "pass":
-            confidences.append(verdict.decision.scores[GOOD])
-    passing_scores = [s for s in anomaly_scores if s <= threshold]
-    sources = {
-        MOUTH_OFFSET: "good training images, located mouth", MOUTH_RADIUS: "good training images, located mouth",
-        BRIGHTNESS: "good training images, polar view", CONTRAST: "good training images, polar view",
-        ANOMALY_SCORE: "the out-of-sample good scores the threshold was chosen on (cross-fitted, or the "
-                       "calibration split), those at or below the threshold",
-        GOOD_CONFIDENCE: "P(good) of held-out good images that passed, through the serving pipeline",
-    }
-    values: dict[str, list[float]] = {**measures, ANOMALY_SCORE: passing_scores, GOOD_CONFIDENCE: confidences}
-    quantities: dict[str, DriftQuantity] = {}
-    skipped: dict[str, str] = {}
-    for name, vals in values.items():
-        if len(vals) < MIN_REFERENCE:
-            skipped[name] = f"{len(vals)} reference values, fewer than {MIN_REFERENCE}"
-        else:
-            quantities[name] = reference(vals, SIDES[name], sources[name], SCALE_FLOOR[name])
-    return DriftManifest(tail=TAIL, z=Z, quantities=quantities, skipped=skipped)
 
 
 # -- bounds ------------------------------------------------------------------------------------

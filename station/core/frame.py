@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from station.errors import FrameError
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """What a triggered camera reports with a frame; published as the verdict's ``trigger`` (None: unknown)."""
+
+    block_id: int | None = None
+    count: int | None = None
+    encoder: int | None = None
+    camera_timestamp: int | None = None
 
 
 @dataclass
@@ -28,7 +38,11 @@ class Frame:
     image: np.ndarray | None = None  # BGR uint8, any size; brought to canonical view by preprocess
     label: str | None = None  # ground truth from a labelled replay folder
     error: FrameError | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    #: the file the image is read from (folder sources); None for a camera's frame
+    path: Path | None = None
+    #: set when the frame carries no image because acquisition dropped it: a ``skipped`` verdict, this reason
+    skip_reason: str | None = None
+    trigger: Trigger | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     #: decodes the image on first use: a replayed file is read by the capture thread but decoded by
     #: an inspection worker, so decoding spreads over the workers instead of bounding throughput

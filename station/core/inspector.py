@@ -33,6 +33,15 @@ def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
 
 
 class Inspector:
+    """A bundle's two models, loaded on one backend: model inputs in, ``Scores`` out.
+
+    Contract: ``inspect`` takes one bottle's preprocessed inputs and returns its class probabilities
+    (averaged over the bottle's turns, temperature applied, summing to 1), its anomaly map (smoothed,
+    polar) and image score, scored exactly as the bundle was calibrated; it decides nothing. It raises
+    BackendError when a model's output does not fit the bundle. Several threads may call ``inspect``
+    at once: it keeps no per-call state (the inspection workers share one, through their Pipeline).
+    """
+
     def __init__(self, bundle: Bundle, backend: BackendSpec | str = "onnxruntime") -> None:
         m = bundle.manifest
         self.bundle = bundle

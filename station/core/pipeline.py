@@ -19,6 +19,15 @@ REASON_INFERENCE = "inference_error"
 
 
 class Pipeline:
+    """One frame in, one verdict out: preprocess → Inspector → decide, for serving and offline tools alike.
+
+    Contract: ``process`` never raises for a bad frame: an unreadable image, no bottle found or a
+    model failure becomes an error verdict (which fails the bottle). The policy is the bundle's
+    unless overridden at construction; with a ``drift_window`` it also feeds the drift watch from the
+    bottles that pass. The station's inspection workers share one Pipeline and call ``process`` at
+    once: it keeps no per-frame state of its own (the model runners and the drift watch allow it).
+    """
+
     def __init__(
         self,
         bundle: Bundle,

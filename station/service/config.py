@@ -7,71 +7,27 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from station.core.parallelism import Threads, Workers
 from station.core.validation import load_yaml_model
 from station.errors import ConfigError
+
+# The source settings live with the sources; re-exported, as station.yaml's model is read from here.
+from station.sources.settings import SOURCE_KINDS as SOURCE_KINDS
+from station.sources.settings import FolderSourceConfig as FolderSourceConfig
+from station.sources.settings import OpenCvSourceConfig as OpenCvSourceConfig
+from station.sources.settings import PylonSourceConfig as PylonSourceConfig
+from station.sources.settings import SourceConfig as SourceConfig
+from station.sources.uri import classify
 
 _STATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class FolderSourceConfig(_Strict):
-    kind: Literal["folder"] = "folder"
-    path: Path
-    poll_interval_s: float = Field(default=0.2, gt=0, le=60)
-    process_existing: bool = True
-    #: inspection busy: ``wait`` (every file inspected) or ``skip`` (a ``skipped`` verdict, bounded latency)
-    on_overload: Literal["wait", "skip"] = "wait"
-
-
-class _CameraCommon(_Strict):
-    #: Longest wait between reconnect attempts; a returning camera is back within this plus its open time.
-    reconnect_max_s: float = Field(default=1.0, gt=0, le=60)
-
-
-class PylonSourceConfig(_CameraCommon):
-    kind: Literal["pylon"]
-    serial: str | None = None  # None: the first camera found
-    pixel_format: str | None = None  # e.g. Mono8, BayerRG8, BGR8Packed; None keeps the camera's
-    exposure_us: float | None = Field(default=None, gt=0)
-    gain_db: float | None = Field(default=None, ge=0)
-    gain_raw: int | None = Field(default=None, ge=0)  # for cameras that only have GainRaw
-    width: int | None = Field(default=None, gt=0)
-    height: int | None = Field(default=None, gt=0)
-    trigger: Literal["free_run", "software", "line1", "line2", "line3", "line4"] = "free_run"
-    trigger_activation: Literal["rising_edge", "falling_edge"] = "rising_edge"
-    software_trigger_hz: float = Field(default=5.0, gt=0, le=1000)
-    frame_rate_hz: float | None = Field(default=None, gt=0)  # free-run only
-    grab_strategy: Literal["one_by_one", "latest_image_only"] = "one_by_one"
-    grab_timeout_ms: int = Field(default=1000, ge=10, le=60_000)
-    buffers: int = Field(default=10, ge=1, le=1000)
-    image_folder: Path | None = None  # the pylon camera emulator's ImageFilename (tests, demos)
-
-
-class OpenCvSourceConfig(_CameraCommon):
-    kind: Literal["opencv"]
-    #: device index ("0"), V4L2 path, rtsp:// or http:// URL, GStreamer pipeline ending in appsink, or a video file
-    uri: str = Field(min_length=1)
-    backend: Literal["auto", "v4l2", "ffmpeg", "gstreamer"] = "auto"
-    latest_only: bool | None = None  # None: newest-frame-only for live inputs, every frame for files
-    width: int | None = Field(default=None, gt=0)
-    height: int | None = Field(default=None, gt=0)
-    fps: float | None = Field(default=None, gt=0)
-    fourcc: str | None = Field(default=None, min_length=4, max_length=4)
-    open_timeout_ms: int = Field(default=3000, ge=100, le=120_000)
-    read_timeout_ms: int = Field(default=2000, ge=100, le=120_000)
-
-
-SOURCE_KINDS = frozenset({"folder", "pylon", "opencv"})
-SourceConfig = Annotated[
-    FolderSourceConfig | PylonSourceConfig | OpenCvSourceConfig, Field(discriminator="kind")
-]
 
 
 class MetricsConfig(_Strict):
@@ -139,9 +95,9 @@ class InferenceConfig(_Strict):
     #: TensorRT: build missing or out-of-date engines at start (minutes); false refuses to start without them
     build_engines: bool = True
     #: inspection workers; 0: one per usable core (station/core/parallelism.py says why)
-    workers: int = Field(default=0, ge=0, le=64)
+    workers: Workers = 0
     #: intra-op threads of each model session; 0: the cores shared out among the workers
-    threads: int = Field(default=0, ge=0, le=256)
+    threads: Threads = 0
     queue_size: int = Field(default=8, ge=1, le=10_000)
 
     @field_validator("precision")
@@ -221,6 +177,4 @@ def load_config(path: Path) -> StationConfig:
 
 
 def _is_relative_file(uri: str) -> bool:
-    from station.sources.opencv import classify
-
     return classify(uri) == "file" and not Path(uri).is_absolute()

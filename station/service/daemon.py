@@ -21,12 +21,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from station.contract.counters import Counters
-from station.core.decide import FAIL, PASS, REASON_SHUTDOWN, SKIPPED
+from station.core.decide import REASON_SHUTDOWN
 from station.core.drift import DriftWatch
 from station.core.pipeline import REASON_INFERENCE, Pipeline
 from station.core.verdict import Verdict, error_verdict, skipped_verdict
@@ -34,7 +35,6 @@ from station.errors import StationError
 from station.service.publish import VerdictPublisher
 from station.service.sdnotify import Notifier
 from station.sources import Source
-from station.sources.camera import SKIP_REASON
 
 log = structlog.get_logger("station.daemon")
 
@@ -43,49 +43,75 @@ Sink = Callable[[Verdict, dict[str, Any]], None]
 _END = object()
 
 
+@dataclass(frozen=True)
+class StationSettings:
+    """Who the station is and how it runs: fixed for a run (a reload swaps the pipeline, never these)."""
+
+    station_id: str
+    run_id: str
+    #: inspection threads (see the module's docstring)
+    workers: int = 1
+    #: frames captured but not yet taken by a worker; a live source skips beyond it
+    queue_size: int = 8
+    heartbeat_interval_s: float = 1.0
+    #: systemd's watchdog period to keep (None: no watchdog)
+    watchdog_interval_s: float | None = None
+
+
+@dataclass
+class StationHooks:
+    """What the station calls out to besides the publisher; each is optional."""
+
+    #: called with every verdict and its message, in capture order (files, the UI's feed)
+    sinks: list[Sink] = field(default_factory=list)
+    #: called with every verdict before the sinks (metrics, soak probes)
+    on_verdict: Callable[[Verdict], None] | None = None
+    #: systemd notifications; None: a notifier that sends nothing
+    notifier: Notifier | None = None
+    #: builds a new pipeline (config and bundle re-read) when ``reload_requested`` is set
+    reloader: Callable[[], Pipeline] | None = None
+    #: set (by SIGHUP) to reload config and bundle between frames
+    reload_requested: threading.Event | None = None
+
+
 class Station:
-    def __init__(
-        self,
-        pipeline: Pipeline,
-        source: Source,
-        station_id: str,
-        run_id: str,
-        publisher: VerdictPublisher | None = None,
-        sinks: list[Sink] | None = None,
-        queue_size: int = 8,
-        heartbeat_interval_s: float = 1.0,
-        notifier: Notifier | None = None,
-        watchdog_interval_s: float | None = None,
-        reloader: Callable[[], Pipeline] | None = None,
-        on_verdict: Callable[[Verdict], None] | None = None,
-        workers: int = 1,
-        reload_requested: threading.Event | None = None,
-    ) -> None:
+    """The running inspection station: a source's frames in, one published verdict per frame out.
+
+    Contract: ``run(stop)`` blocks until the source ends or ``stop`` is set, then drains (see the
+    module's docstring) and returns the counters, with ``captured == published``; every frame gets
+    exactly one verdict, published in capture order with consecutive ``seq``, and heartbeats go out
+    every ``heartbeat_interval_s`` meanwhile. A source that fails ends the run with
+    ``source_error`` set. ``snapshot`` and the other read-only views may be called from any thread.
+    """
+
+    def __init__(self, pipeline: Pipeline, source: Source, settings: StationSettings,
+                 publisher: VerdictPublisher | None = None, hooks: StationHooks | None = None) -> None:
+        hooks = hooks or StationHooks()
         self.pipeline = pipeline
         self.source = source
-        self.station_id = station_id
-        self.run_id = run_id
+        self.settings = settings
+        self.station_id = settings.station_id
+        self.run_id = settings.run_id
         self.publisher = publisher
-        self.sinks = sinks or []
+        self.sinks = list(hooks.sinks)
         # Files wait for inspection (every one gets a real verdict); a live camera
         # cannot wait, so its surplus frames are skipped, visibly.
         self.skip_when_busy = source.on_overload == "skip"
-        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_interval_s = settings.heartbeat_interval_s
         self.counters = Counters()
         self.state = "starting"
         self.source_error: StationError | None = None
-        self.workers = max(1, workers)
-        self._inspect_q: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.workers = max(1, settings.workers)
+        self._inspect_q: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_size)
         self._publish_q: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._local_seq = 0
         self._started = time.monotonic()
-        self.notifier = notifier or Notifier(address="")
-        self.watchdog_interval_s = watchdog_interval_s
-        self.reloader = reloader
-        self.on_verdict = on_verdict
-        #: set (by SIGHUP) to reload config and bundle between frames
-        self.reload_requested = reload_requested or threading.Event()
+        self.notifier = hooks.notifier or Notifier(address="")
+        self.watchdog_interval_s = settings.watchdog_interval_s
+        self.reloader = hooks.reloader
+        self.on_verdict = hooks.on_verdict
+        self.reload_requested = hooks.reload_requested or threading.Event()
         self.finish_now = threading.Event()
         self._reload_thread: threading.Thread | None = None
         self._last_progress = time.monotonic()
@@ -99,9 +125,8 @@ class Station:
             for frame in self.source.frames(stop):
                 with self._lock:
                     self.counters.captured += 1
-                skip_reason = frame.meta.get(SKIP_REASON)
-                if skip_reason is not None:  # dropped by the camera layer: accounted for, not inspected
-                    self._publish_q.put((index, skipped_verdict(frame, self.pipeline.model, skip_reason)))
+                if frame.skip_reason is not None:  # dropped by the camera layer: accounted for, not inspected
+                    self._publish_q.put((index, skipped_verdict(frame, self.pipeline.model, frame.skip_reason)))
                 elif not self.skip_when_busy:
                     self._inspect_q.put((index, frame))
                 else:
@@ -145,19 +170,8 @@ class Station:
     def _emit(self, verdict: Verdict) -> None:
         verdict.latency_ms["total"] = (time.monotonic() - verdict.frame.captured_mono) * 1e3
         with self._lock:
-            c = self.counters
-            c.published += 1
-            if verdict.verdict == SKIPPED:
-                c.skipped += 1
-            elif verdict.error is not None:
-                c.errors += 1
-            else:
-                c.inspected += 1
-            if verdict.verdict == PASS:
-                c.passed += 1
-            elif verdict.verdict == FAIL:
-                c.failed += 1
-            counters = c.snapshot()
+            self.counters.count(verdict.verdict, verdict.error is not None)
+            counters = self.counters.snapshot()
         if self.publisher is not None:
             # The counters go into the welcome a late joiner gets, current with this verdict.
             message = self.publisher.publish(verdict, counters)
@@ -188,12 +202,10 @@ class Station:
     @property
     def effective_state(self) -> str:
         """``degraded`` while running without a camera (it is being reconnected)."""
-        degraded = getattr(self.source, "degraded", False)
-        return "degraded" if self.state == "running" and degraded else self.state
+        return "degraded" if self.state == "running" and self.source.degraded else self.state
 
     def camera_health(self) -> dict[str, Any] | None:
-        health = getattr(self.source, "health_snapshot", None)
-        return health() if callable(health) else None
+        return self.source.health_snapshot()
 
     def snapshot(self) -> dict[str, Any]:
         """Everything heartbeats, STATUS and metrics report, read at one moment."""
@@ -210,9 +222,8 @@ class Station:
         }
 
     def _drift_watch(self) -> DriftWatch | None:
-        # The pipeline's: a reload brings the new bundle's reference with it. Stand-in pipelines
-        # (tests, tools) may have none.
-        return getattr(self.pipeline, "drift", None)
+        # The pipeline's: a reload brings the new bundle's reference with it.
+        return self.pipeline.drift
 
     def drift_report(self) -> dict[str, Any] | None:
         """The heartbeat's ``drift``: None while nothing drifts (or the watch is off)."""

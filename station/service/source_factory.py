@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from station.service.config import FolderSourceConfig, OpenCvSourceConfig, PylonSourceConfig
 from station.sources import Source
 from station.sources.camera import Backoff, CameraSource
 from station.sources.folder import WatchedFolderSource
+from station.sources.settings import FolderSourceConfig, OpenCvSourceConfig, PylonSourceConfig
 
 
 def build_source(config: FolderSourceConfig | PylonSourceConfig | OpenCvSourceConfig) -> Source:

@@ -22,3 +22,23 @@ class Source(Protocol):
     def describe(self) -> str: ...
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]: ...
+
+    @property
+    def degraded(self) -> bool:
+        """True while the source runs without its input (a camera being reconnected): the state says so."""
+        ...
+
+    def health_snapshot(self) -> dict[str, object] | None:
+        """The heartbeat's ``camera`` object; None for a source that has no device to report on."""
+        ...
+
+
+class SourceBase:
+    """Defaults for what only a device-backed source has to report: never degraded, no health."""
+
+    @property
+    def degraded(self) -> bool:
+        return False
+
+    def health_snapshot(self) -> dict[str, object] | None:
+        return None

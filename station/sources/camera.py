@@ -20,9 +20,9 @@ from typing import Protocol
 import numpy as np
 import structlog
 
-from station.core.frame import Frame
+from station.core.frame import Frame, Trigger
 from station.errors import FrameError, SourceError
-from station.sources import OnOverload
+from station.sources import OnOverload, SourceBase
 
 log = structlog.get_logger("station.camera")
 
@@ -30,9 +30,9 @@ CONNECTED = "connected"
 DISCONNECTED = "disconnected"
 CONNECTING = "connecting"
 
-#: Frame.meta key for frames that carry no image because acquisition dropped them.
-SKIP_REASON = "skip_reason"
+#: Frame.skip_reason of frames the acquisition layer dropped (no image; a ``skipped`` verdict)
 REASON_CAMERA_SKIPPED = "camera_skipped"
+#: the FrameError reason of a frame the camera announced but could not deliver
 REASON_GRAB_FAILED = "grab_failed"
 
 
@@ -53,7 +53,7 @@ class Grab:
     error: FrameError | None = None  # a frame the camera announced but could not deliver
     #: ids of frames the driver dropped just before this one (a newest-only grab strategy)
     skipped_ids: list[str] = field(default_factory=list)
-    meta: dict[str, object] = field(default_factory=dict)
+    trigger: Trigger | None = None
 
 
 class CameraDriver(Protocol):
@@ -111,7 +111,7 @@ class CameraHealth:
         }
 
 
-class CameraSource:
+class CameraSource(SourceBase):
     """A live source over a driver: runs until stopped, reconnecting as long as it takes."""
 
     def __init__(self, driver: CameraDriver, backoff: Backoff | None = None) -> None:
@@ -176,7 +176,7 @@ class CameraSource:
                     now, mono = time.time(), time.monotonic()
                     for skipped_id in grab.skipped_ids:
                         dropped = self._frame(seq, skipped_id, now, mono)
-                        dropped.meta[SKIP_REASON] = REASON_CAMERA_SKIPPED
+                        dropped.skip_reason = REASON_CAMERA_SKIPPED
                         with self._lock:
                             self.health.camera_skipped += 1
                         yield dropped
@@ -184,7 +184,7 @@ class CameraSource:
                     frame = self._frame(seq, grab.frame_id, now, mono)
                     frame.image = grab.image
                     frame.error = grab.error
-                    frame.meta.update(grab.meta)
+                    frame.trigger = grab.trigger
                     if grab.error is not None:
                         with self._lock:
                             self.health.grab_failed += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
@@ -24,9 +24,8 @@ import structlog
 
 from station.errors import ConfigError, SourceError
 from station.sources.camera import CameraLost, Grab, SourceEnded
-
-if TYPE_CHECKING:
-    from station.service.config import OpenCvSourceConfig
+from station.sources.settings import OpenCvSourceConfig
+from station.sources.uri import classify
 
 log = structlog.get_logger("station.opencv")
 
@@ -34,17 +33,6 @@ _BACKENDS = {"auto": cv2.CAP_ANY, "v4l2": cv2.CAP_V4L2, "ffmpeg": cv2.CAP_FFMPEG
 #: FFmpeg options for a live network stream: no input buffering, a short probe (the default waits
 #: 5 s of stream before the first frame), TCP for RTSP so a lost packet is not a torn frame.
 LOW_DELAY_FFMPEG_OPTIONS = "rtsp_transport;tcp|fflags;nobuffer|flags;low_delay|analyzeduration;200000|probesize;65536"
-
-
-def classify(uri: str) -> str:
-    """``device``, ``stream``, ``gstreamer`` or ``file``: decides buffering and what end-of-input means."""
-    if uri.isdigit() or uri.startswith("/dev/video"):
-        return "device"
-    if re.match(r"^(rtsp|rtsps|rtmp|http|https|udp|tcp|srt)://", uri):
-        return "stream"
-    if "!" in uri:
-        return "gstreamer"
-    return "file"
 
 
 def gstreamer_pipeline(pipeline: str) -> str:

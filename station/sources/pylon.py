@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from station.core.frame import Trigger
 from station.errors import ConfigError, FrameError, MissingDependencyError, SourceError
 from station.sources.camera import REASON_GRAB_FAILED, CameraLost, Grab
-
-if TYPE_CHECKING:
-    from station.service.config import PylonSourceConfig
+from station.sources.settings import PylonSourceConfig
 
 log = structlog.get_logger("station.pylon")
 
@@ -198,7 +197,7 @@ class PylonCamera:
             grab = Grab(
                 frame_id=f"{self._serial}/{block}",
                 skipped_ids=[f"{self._serial}/{block - skipped + k}" for k in range(skipped)],
-                meta={"block_id": block, "camera_timestamp": int(result.TimeStamp)},
+                trigger=Trigger(block_id=block, camera_timestamp=int(result.TimeStamp)),
             )
             if result.GrabSucceeded():
                 grab.image = self._converter.Convert(result).GetArray().copy()

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from station.core.backends import ROLES, precision_label
+from station.core.atomic import swap_in_dir
 from station.core.backends.gpu import GpuInfo
+from station.core.backends.precision import ROLES, precision_label
 from station.core.bundle import Bundle
 from station.errors import BackendError
 
@@ -148,14 +148,7 @@ class EngineCache:
             meta = {"key": asdict(key), "models": models, **details}
             (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
             final = self.folder(key)
-            if final.exists():
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            swap_in_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

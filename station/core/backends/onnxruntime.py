@@ -18,8 +18,8 @@ class OnnxRuntimeModel:
         # 0 lets ONNX Runtime pick one thread per physical core.
         opts.intra_op_num_threads = threads
         # Idle intra-op threads spin by default, waiting for the next call; on a small machine they
-        # take the core from the other inspection workers and from OpenCV (station bench, 2 threads
-        # per session at 20 frames/s: p99 84 ms spinning, 52–58 ms not).
+        # take the core from the other inspection workers and from OpenCV, and the latency tail
+        # grows (measured: docs/performance.md, "Intra-op threads that do not spin").
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         try:

@@ -41,9 +41,10 @@ from pathlib import Path
 import structlog
 import tensorrt as trt  # import this module only after gpu.probe(): it says what is missing
 
-from station.core.backends import ROLES, precision_label
+from station.core.atomic import write_bytes_atomic
 from station.core.backends.engine_cache import CachedEngines, EngineCache, EngineKey, onnx_sources
 from station.core.backends.gpu import GpuInfo, probe
+from station.core.backends.precision import ROLES, precision_label
 from station.core.backends.tensorrt import TRT_LOGGER, CudaDevice, shape_of
 from station.core.bundle import PRECISIONS, Bundle
 from station.errors import BackendError, ConfigError
@@ -131,7 +132,5 @@ def _build_one(logger: trt.ILogger, bundle: Bundle, role: str, onnx: Path, optio
         raise BackendError(f"{onnx}: TensorRT could not build an engine from it (see its log above)")
     updated = config.get_timing_cache()
     if updated is not None:
-        tmp = timing_path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(updated.serialize()))
-        tmp.replace(timing_path)
+        write_bytes_atomic(timing_path, bytes(updated.serialize()))
     return bytes(plan)
