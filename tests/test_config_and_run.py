@@ -102,3 +102,32 @@ def test_run_inspects_new_files_and_drains_on_sigterm(bundle: Path, eval_root: P
     assert broken["verdict"] == "fail" and "unreadable_image" in broken["reasons"]
     assert stopped["counters"]["captured"] == stopped["counters"]["published"] == 4
     assert len((tmp_path / "verdicts.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_failed_start_closes_what_it_had_opened(bundle: Path, tmp_path: Path) -> None:
+    # In this process, so a resource left open would still hold the endpoint: the JSONL file cannot be
+    # created (its folder is a file) after the publisher has bound.
+    from station.errors import ConfigError
+    from station.service.publish import VerdictPublisher
+    from station.service.runner import run_station
+
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "not-a-folder").write_text("")
+    endpoint = free_endpoint()
+    config = write_config(tmp_path / "station.yaml", station_id="cam1", model=str(bundle),
+                          source={"path": "incoming"}, publish={"endpoint": endpoint},
+                          output={"jsonl": "not-a-folder/verdicts.jsonl"})
+    with pytest.raises(ConfigError, match="cannot write verdicts"):
+        run_station(config)
+    VerdictPublisher(endpoint, "cam1", "again").close()  # PublishError if the first bind had been left open
+
+
+@pytest.mark.parametrize("args", [
+    ("train", "--data", "d", "--out", "o", "--epochs", "0"),
+    ("bench", "--model", "m", "--frames", "0"),
+    ("plantsim", "--db", "postgresql://x", "--stations", "0"),
+])
+def test_counts_that_must_be_positive_refuse_0(args: tuple[str, ...]) -> None:
+    proc = run_station(*args, timeout=60)
+    assert proc.returncode == 2
+    assert f"argument {args[-2]}: 0 is not > 0" in proc.stderr

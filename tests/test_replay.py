@@ -112,10 +112,17 @@ def test_replay_without_bundle_exits_2_naming_the_file(tmp_path: Path, replay_fo
     assert "Traceback" not in proc.stderr
 
 
-def test_replay_of_missing_folder_is_a_clear_error(bundle: Path, tmp_path: Path) -> None:
-    proc = run_station("replay", "--model", str(bundle), "--source", str(tmp_path / "missing"))
-    assert proc.returncode != 0
-    assert "missing" in proc.stderr and "does not exist" in proc.stderr
+@pytest.mark.parametrize(("command", "option", "says"), [
+    ("replay", "--source", "does not exist"),
+    ("evaluate", "--data", "does not exist"),
+    ("bench", "--source", "no images under"),
+])
+def test_replay_of_missing_folder_is_a_clear_error(bundle: Path, tmp_path: Path, command: str, option: str,
+                                                   says: str) -> None:
+    # A missing input folder is a usage error (exit 2), whichever command is given it.
+    proc = run_station(command, "--model", str(bundle), option, str(tmp_path / "missing"))
+    assert proc.returncode == 2, proc.stderr
+    assert "missing" in proc.stderr and says in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -1,0 +1,95 @@
+"""`station train` and `station loso`: the only commands that import torch, and only when run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from station.cli._args import non_negative_int, positive_float, positive_int
+from station.errors import EXIT_OK, MissingDependencyError
+
+if TYPE_CHECKING:
+    from station.cli._args import Subparsers
+
+
+def register_train(sub: Subparsers) -> None:
+    t = sub.add_parser("train", help="train classifier + autoencoder and write an ONNX model bundle")
+    t.add_argument("--data", type=Path, required=True, help="an MVTec category folder, e.g. data/bottle")
+    t.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
+    t.add_argument("--epochs", type=positive_int, default=60, help="classifier epochs")
+    t.add_argument("--ae-steps", type=positive_int, default=1000,
+                   help="anomaly model training steps (batches of 8)")
+    t.add_argument("--anomaly-model", default="autoencoder", choices=["autoencoder", "draem"],
+                   help="autoencoder: the reconstruction autoencoder (default); draem: restore bottles from "
+                        "simulated anomalies and segment them with a head (experimental, docs/models.md)")
+    t.add_argument("--cross-fit-folds", type=non_negative_int, default=2,
+                   help="score every good training image for the threshold with a model trained without it, "
+                        "over this many folds (0 or 1: hold 20 %% of them out instead)")
+    t.add_argument("--device", default="auto",
+                   help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N; the bundle is the same")
+    t.add_argument("--lighting", default="auto", choices=["auto", "front", "back"],
+                   help="how the mouth is lit: front (ring or dome light above), back (light from below), or "
+                        "auto: the one all training images show, recorded in the bundle (mixed: decided per frame)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--target-false-reject", type=positive_float, default=0.01,
+                   help="fraction of good bottles the anomaly threshold may reject (default 0.01)")
+    t.add_argument("--backbone", default="mobilenet_v3_small",
+                   choices=["mobilenet_v3_small", "resnet18", "efficientnet_b0"])
+    t.add_argument("--pretrained", type=Path, default=None,
+                   help="torchvision state-dict file for the backbone (never downloaded)")
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="classifier learning rate")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "adam", "rmsprop", "sgd"])
+    t.add_argument("--balance", default="logit-adjust", choices=["weighted", "sampler", "logit-adjust", "none"],
+                   help="class-imbalance handling (default: logit-adjusted cross-entropy)")
+    t.add_argument("--sweep", type=Path, default=None, metavar="FILE.yaml",
+                   help="train a grid of classifier settings and write OUT/sweep.md instead of a bundle")
+    t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    t.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
+    t.set_defaults(handler=handle_train)
+
+
+def handle_train(args: argparse.Namespace) -> int:
+    try:
+        from station.training.options import TrainOptions, pick_device
+        from station.training.train import train_bundle
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"`station train` needs the train extra (torch, torchvision, onnx): "
+            f"pip install 'station[train]' ({exc})"
+        ) from exc
+    options = TrainOptions(
+        data=args.data, out=args.out, epochs=args.epochs,
+        ae_steps=args.ae_steps,
+        seed=args.seed, batch_size=args.batch_size, target_false_reject=args.target_false_reject,
+        name=args.name or args.out.name, threads=args.threads, backbone=args.backbone,
+        pretrained=args.pretrained, lr=args.lr, optimizer=args.optimizer, balance=args.balance,
+        anomaly_model=args.anomaly_model, cross_fit_folds=args.cross_fit_folds, device=pick_device(args.device),
+        lighting=args.lighting,
+    )
+    if args.sweep:
+        from station.training.sweep import run_sweep
+
+        table = run_sweep(options, args.sweep)
+        print(table.read_text(encoding="utf-8"))
+        return EXIT_OK
+    manifest = train_bundle(options)
+    print(f"wrote bundle {args.out} ({manifest.name} {manifest.version})")
+    print(json.dumps(manifest.metrics, indent=2))
+    return EXIT_OK
+
+
+def register_loso(sub: Subparsers) -> None:
+    # loso's options live beside its runner (station/training/loso.py), whose module imports no torch.
+    from station.training.loso import add_parser
+
+    add_parser(sub)
+    sub.choices["loso"].set_defaults(handler=handle_loso)
+
+
+def handle_loso(args: argparse.Namespace) -> int:
+    from station.training.loso import cmd_loso
+
+    return cmd_loso(args)
