@@ -1,6 +1,7 @@
 """Exceptions a user can act on, each mapped to an exit code at the CLI edge.
 
-Exit codes (DESIGN.md): 0 ok, 2 usage or config error, 1 runtime failure.
+Exit codes (README.md, "Layout"; docs/service.md for `station run` under systemd): 0 ok, 2 usage or config
+error, 1 runtime failure.
 """
 
 from __future__ import annotations

@@ -93,9 +93,10 @@ def test_a_bundle_records_its_cross_fitted_threshold_and_margin(bundle: Path) ->
 
 
 def test_the_draem_model_exports_a_map_onnx_runtime_reproduces(tmp_path: Path) -> None:
+    from station.training.anomaly_model import train_anomaly_model
     from station.training.export import INPUT_NAME, check_parity, export_onnx
     from station.training.nets import DRAEM_MAP_SCALE, DraemExport
-    from station.training.train import TrainOptions, train_anomaly_model
+    from station.training.options import TrainOptions
 
     x = _views(8)
     opts = TrainOptions(data=tmp_path, out=tmp_path / "m", ae_steps=3, seed=1)

@@ -12,8 +12,9 @@ import torch
 from station.core.bundle import preprocess_spec
 from station.core.preprocess import canonical_view, locate_mouth, polar_view
 from station.tools.synth import render_bottle
+from station.training.augment import augment_batch as _augment
 from station.training.augment import mouth_jitter, reunwrap
-from station.training.train import RADIUS_MARGIN, _augment
+from station.training.options import RADIUS_MARGIN
 
 
 def _spec():  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import yaml
 
 from station.tools.calibrate import choose_threshold
 from tests.conftest import run_station
+
+PIXEL_AUROC_MIN = 0.7
 
 
 def test_evaluate_holdout_default_writes_a_report(bundle: Path, tmp_path: Path) -> None:
@@ -35,7 +38,12 @@ def test_evaluate_holdout_default_writes_a_report(bundle: Path, tmp_path: Path) 
 def test_evaluate_folder_with_masks_gives_pixel_auroc(bundle: Path, eval_root: Path) -> None:
     proc = run_station("evaluate", "--model", str(bundle), "--data", str(eval_root.parent))
     assert proc.returncode == 0, proc.stderr
-    assert "pixel AUROC 0." in proc.stdout or "pixel AUROC 1." in proc.stdout
+    found = re.search(r"pixel AUROC (\d\.\d+)", proc.stdout)
+    assert found, proc.stdout
+    # Per pixel, the anomaly map must rank the masked defect pixels above the rest far better than chance
+    # (0.5), even for the test session's tiny bundle (0.80 when this bound was set); an inverted or
+    # misaligned map scores near or below chance.
+    assert float(found.group(1)) >= PIXEL_AUROC_MIN, proc.stdout
 
 
 def test_evaluate_missing_folder_is_a_usage_error(bundle: Path, tmp_path: Path) -> None:

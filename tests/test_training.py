@@ -12,8 +12,9 @@ from tests.conftest import run_station
 
 torch = pytest.importorskip("torch")
 
+from station.training.classifier import train_classifier  # noqa: E402
 from station.training.nets import BACKBONES, CLASSIFIER_CHANNELS, make_classifier  # noqa: E402
-from station.training.train import BALANCE_MODES, TrainOptions, train_classifier  # noqa: E402
+from station.training.options import BALANCE_MODES, TrainOptions  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", BACKBONES)
@@ -64,6 +65,7 @@ def test_balance_modes_train(mode: str, tmp_path: Path) -> None:
         assert model(x[:2]).shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_under_seed(synth_root: Path, tmp_path: Path) -> None:
     outputs = []
     for run in ("a", "b"):
@@ -85,6 +87,7 @@ def test_training_is_deterministic_under_seed(synth_root: Path, tmp_path: Path) 
     assert outputs[1] == outputs[3]
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_markdown_table(synth_root: Path, tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"
     grid.write_text("grid:\n  epochs: [1]\n  lr: [0.003, 0.0001]\n  optimizer: [adam, rmsprop]\n"

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from station.core.decide import REASON_ANOMALY, REASON_DEFECT_CLASS
+from station.core.report_format import num, pct
 
 #: The rejections compared per group of bottles: each check of the decision on its own (its reason
 #: among the decision's reasons, whatever the other check said), and both together (the verdict).
@@ -159,10 +160,6 @@ def novel_report(bottles: Sequence[Inspected], good: str, novel: str) -> dict[st
     }
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f} %"
-
-
 def format_checks(by_check: dict[str, Any]) -> list[str]:
     """``rejection_by_check`` as a text table: a row per defect group, then good bottles passed."""
     rows = [(g.replace("_", " ") if g == ALL_DEFECTS else g, r) for g, r in by_check["rejected"].items()]
@@ -171,8 +168,8 @@ def format_checks(by_check: dict[str, Any]) -> list[str]:
     lines = ["rejected by each check alone and combined (the verdict); last row: good bottles passed",
              f"  {'':<{width}}{'images':>7}{'anomaly':>11}{'classifier':>12}{'combined':>11}"]
     for name, r in rows:
-        lines.append(f"  {name:<{width}}{r['images']:>7}{_pct(r['anomaly']):>11}{_pct(r['classifier']):>12}"
-                     f"{_pct(r['combined']):>11}")
+        lines.append(f"  {name:<{width}}{r['images']:>7}{pct(r['anomaly']):>11}{pct(r['classifier']):>12}"
+                     f"{pct(r['combined']):>11}")
     return lines
 
 
@@ -182,9 +179,9 @@ def format_novel(novel: dict[str, Any] | None) -> list[str]:
         return []
 
     def one(f: dict[str, Any]) -> str:
-        auc = "n/a" if f["image_auroc"] is None else f"{f['image_auroc']:.3f}"
-        return (f"{f['images']} images, image AUROC vs good {auc}, rejected by anomaly {_pct(f['anomaly'])}, "
-                f"classifier {_pct(f['classifier'])}, combined {_pct(f['combined'])}")
+        auc = num(f["image_auroc"])
+        return (f"{f['images']} images, image AUROC vs good {auc}, rejected by anomaly {pct(f['anomaly'])}, "
+                f"classifier {pct(f['classifier'])}, combined {pct(f['combined'])}")
 
     lines = [f"novel defects: {one(novel)}",
              "novel classified as: " + ", ".join(f"{k} {v}" for k, v in novel["predicted"].items())]

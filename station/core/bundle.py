@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from station.core.atomic import write_text_atomic
 from station.core.folders import GOOD
 from station.core.preprocess import Lighting, Normalisation, PreprocessSpec, Sampling
 from station.core.validation import load_yaml_model
@@ -276,10 +277,10 @@ def load_bundle(root: Path, verify_checksums: bool = True) -> Bundle:
 
 
 def write_manifest(root: Path, manifest: Manifest, name: str = MANIFEST) -> Path:
-    """Write the manifest (to ``name`` in ``root``; a temporary name lets callers replace atomically)."""
+    """Write the manifest to ``name`` in ``root``, atomically and durably: a bundle is rewritten in place."""
     path = root / name
     data = manifest.model_dump(mode="json")
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False), fsync=True)
     return path
 
 

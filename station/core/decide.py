@@ -48,7 +48,21 @@ class Decision:
 
 
 def decide(scores: Scores, policy: Policy) -> Decision:
-    """Fail on a confident defect class (with the anomaly check's support) or an anomaly score over the threshold."""
+    """The bottle's verdict from its model scores: the one place pass/fail is decided.
+
+    Two rules, either fails the bottle, both may:
+
+    - ``defect_class``: the classifier's top class is a defect, with probability at least
+      ``class_confidence``, and the anomaly score is at least ``classifier_min_anomaly`` (the
+      anomaly check's support; 0 means the classifier alone suffices);
+    - ``anomaly``: the anomaly score is strictly above ``anomaly_threshold``.
+
+    Otherwise the bottle passes, whatever the classifier says (a defect class under the confidence
+    or without support is reported as ``label``, not acted on). ``label`` and ``confidence`` are the
+    top class and its probability (the first class on a tie); ``region`` is where the anomaly map
+    is above the threshold. Pure: no state, no I/O; frames that could not be scored never get here
+    (they become error verdicts, which fail).
+    """
     probs = scores.probabilities
     idx = int(np.argmax(probs))
     label = policy.classes[idx]

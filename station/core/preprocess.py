@@ -60,10 +60,10 @@ class PreprocessSpec:
     classifier: Normalisation
     autoencoder: Normalisation
     #: "area-block": the mouth located on every 4th pixel, the polar view read bilinearly from
-    #: whole-block averages (bundles from 2026-11-29 on). "area": the earlier, slower sampling
-    #: (fractional INTER_AREA, cv2.warpPolar), kept so a bundle trained with it is served with it:
-    #: its autoencoder scores good bottles higher on the other sampling (up to 8.9 against a
-    #: threshold of 5.5 on the demo bundle).
+    #: whole-block averages. "area": the earlier, slower sampling (fractional INTER_AREA,
+    #: cv2.warpPolar), kept so a bundle trained with it is served with it: an autoencoder scores
+    #: good bottles higher on the sampling it was not trained on, enough to cross its threshold
+    #: (docs/preprocessing.md has both samplings, their cost and the figures).
     sampling: Sampling = "area-block"
     #: how the mouth is lit (Lighting); bundles from before there was a choice are "front"
     lighting: Lighting = "front"
@@ -170,7 +170,7 @@ def locate_mouth(view: np.ndarray, spec: PreprocessSpec) -> Mouth:
     else:
         # Every 4th pixel, then blurred: the rim is hundreds of pixels across, so sampling instead
         # of averaging loses nothing the blur does not restore, and reads a sixteenth of the view
-        # (0.94 → 0.26 ms here for the shrink; averaging all of it was most of the cost).
+        # (averaging all of it was most of the cost of locating the mouth: docs/performance.md).
         gray = cv2.cvtColor(cv2.resize(view, (_LOCATE_SIDE, _LOCATE_SIDE), interpolation=cv2.INTER_NEAREST),
                             cv2.COLOR_BGR2GRAY)
         offset = 0.0  # INTER_NEAREST reads source pixel scale·i for pixel i

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import queue
 import re
 import shutil
@@ -31,6 +30,7 @@ import cv2
 import numpy as np
 import structlog
 
+from station.core.atomic import write_bytes_atomic
 from station.core.decide import FAIL
 from station.core.overlay import anomaly_overlay, cartesian_map
 from station.core.preprocess import canonical_view
@@ -65,6 +65,16 @@ class ArchiveStats:
 
 
 class RejectArchive:
+    """A verdict sink that keeps the evidence of every failed bottle on disk, within its limits.
+
+    Contract: called from the publishing thread with each verdict and its published message; it
+    never blocks nor raises there (a full queue drops the entry and counts it in ``stats``). Only
+    ``fail`` verdicts are archived. Files are written by the archive's own thread, each by rename, the
+    sidecar last; retention (count, bytes, age) and the free-space floor hold after every write and
+    while idle. ``start`` before the first verdict, ``close`` after the last: it writes what is
+    queued, then stops. Constructing it indexes what earlier runs left and sweeps half-written files.
+    """
+
     def __init__(self, config: ArchiveConfig, canonical_size: int, radius_margin: float) -> None:
         if config.path is None:
             raise ConfigError("archive.path: required to archive rejects")
@@ -198,9 +208,7 @@ class RejectArchive:
 
     def _put(self, entry: Entry, suffix: str, data: bytes) -> None:
         path = entry.stem.with_name(entry.stem.name + suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)  # no fsync: per frame, and _scan sweeps what a crash leaves
         entry.files.append(path)
         entry.size += len(data)
 

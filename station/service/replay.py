@@ -25,6 +25,7 @@ from station.core.accuracy import (
 )
 from station.core.decide import FAIL, PASS, SKIPPED
 from station.core.folders import GOOD, NOVEL, novel_kind
+from station.core.report_format import num, pct, percentile
 from station.core.verdict import Verdict
 
 
@@ -79,10 +80,9 @@ class ReplayCollector:
             "bottles_per_s": round(self.verdicts / elapsed, 2) if elapsed > 0 else None,
         }
         if self.latency_total:
-            lat = sorted(self.latency_total)
             out["latency_ms"] = {
-                "p50": round(lat[len(lat) // 2], 2),
-                "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
+                "p50": round(percentile(self.latency_total, 50), 2),
+                "p99": round(percentile(self.latency_total, 99), 2),
             }
         if self.truth:
             is_defect = [t != GOOD for t in self.truth]
@@ -102,10 +102,6 @@ class ReplayCollector:
         return out
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f} %"
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     c = summary["counts"]
     lines = [
@@ -120,13 +116,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     lab = summary.get("labelled")
     if lab:
         novel = lab.get("novel")
-        lines.append(f"accuracy (4-class): {_pct(lab['accuracy'])} on {lab['n']} labelled images"
+        lines.append(f"accuracy (4-class): {pct(lab['accuracy'])} on {lab['n']} labelled images"
                      + (f" (novel defects excluded: {novel['images']})" if novel else ""))
-        lines.append("recall: " + ", ".join(f"{k} {_pct(v['recall'])}" for k, v in lab["per_class"].items()))
+        lines.append("recall: " + ", ".join(f"{k} {pct(v['recall'])}" for k, v in lab["per_class"].items()))
         auc = lab["image_auroc"]
-        lines.append(f"image AUROC (anomaly score): {'n/a' if auc is None else f'{auc:.3f}'}")
-        lines.append(f"defective bottles rejected: {_pct(lab['defects_rejected'])}; "
-                     f"good bottles passed: {_pct(lab['good_passed'])}")
+        lines.append(f"image AUROC (anomaly score): {num(auc)}")
+        lines.append(f"defective bottles rejected: {pct(lab['defects_rejected'])}; "
+                     f"good bottles passed: {pct(lab['good_passed'])}")
         cm = lab["confusion_matrix"]
         lines.append("confusion matrix (rows: truth, columns: predicted):")
         lines.append(format_confusion(cm["rows_true_cols_predicted"], cm["classes"]))

@@ -29,10 +29,11 @@ from station.core.frame import Frame
 from station.core.imageio import read_image
 from station.core.pipeline import Pipeline
 from station.core.preprocess import preprocess
+from station.core.report_format import percentile
 from station.errors import DatasetError
-from station.service.daemon import Station
+from station.service.daemon import Station, StationHooks, StationSettings
 from station.service.publish import Subscriber, VerdictPublisher
-from station.sources import OnOverload
+from station.sources import OnOverload, SourceBase
 from station.sources.folder import FolderReplaySource, load_frame
 from station.tools.synth import render_bottle
 
@@ -43,11 +44,11 @@ def summarise(values_ms: list[float]) -> dict[str, float]:
     a = np.asarray(values_ms, dtype=np.float64)
     if a.size == 0:
         return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan"), "n": 0}
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+    return {"mean": float(a.mean()), "p50": percentile(a, 50), "p99": percentile(a, 99),
             "n": int(a.size)}
 
 
-class MemorySource:
+class MemorySource(SourceBase):
     """Decoded frames from memory, as a camera driver hands them over (no file, no decode).
 
     ``rate``: offered at that many frames per second, as a live camera (surplus
@@ -232,8 +233,8 @@ class Bench:
                 latencies.append(verdict.latency_ms["total"])
 
         try:
-            station = Station(self.pipeline, source, "bench", publisher.run_id, publisher, [sink],
-                              workers=self.workers)
+            station = Station(self.pipeline, source, StationSettings("bench", publisher.run_id, workers=self.workers),
+                              publisher, StationHooks(sinks=[sink]))
             t0 = time.perf_counter()
             counters = station.run(threading.Event())
             elapsed = time.perf_counter() - t0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from station.core import report_format
 from station.core.accuracy import auroc
+from station.core.atomic import atomic_path
 from station.core.backends import ROLES, BackendSpec
 from station.core.bundle import Bundle, ConvertedModel, load_bundle, sha256_file, write_manifest
 from station.core.decide import FAIL, decide
@@ -252,19 +253,13 @@ def export(root: Path, precision: str, calibration: Path | None = None,
         model = bundle.manifest.models[role]
         name = converted_name(role, precision)
         src = bundle.root / model.file
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", dir=bundle.root)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        with atomic_path(bundle.root / name) as tmp:
             progress(f"{role}: {model.file} → {name}")
             try:
                 how = _to_fp16(src, tmp) if precision == "fp16" else _to_int8(src, tmp, feeds[role])
             except Exception as exc:  # the converters raise bare Exceptions and onnx's own errors
                 raise StationError(f"{src}: converting to {precision} failed: {exc}") from exc
             tmp.chmod(0o644)
-            os.replace(tmp, bundle.root / name)
-        finally:
-            tmp.unlink(missing_ok=True)
         converted[role] = ConvertedModel(file=name, source_sha256=bundle.manifest.files[model.file],
                                          made={**made_common, **how})
     m = bundle.manifest
@@ -273,8 +268,7 @@ def export(root: Path, precision: str, calibration: Path | None = None,
                                                                       precision: converted[role]}})
               for role in m.models}
     manifest = m.model_copy(update={"models": models, "files": files})
-    tmp_manifest = write_manifest(bundle.root, manifest, name=".manifest.yaml.tmp")
-    os.replace(tmp_manifest, bundle.root / "manifest.yaml")
+    write_manifest(bundle.root, manifest)
     return load_bundle(root)
 
 
@@ -354,10 +348,10 @@ def per_file_configs(bundle: Bundle) -> dict[str, dict[str, str]]:
 
 def format_parity(p: dict[str, Any]) -> list[str]:
     def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f} %"
+        return report_format.pct(v, 2)
 
     def num(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
+        return report_format.num(v, 4)
 
     ref = p["fp32"]
     lines = [f"parity on {p['images']} images of {p['folder']}: fp32 accuracy {pct(ref['accuracy'])}, "

@@ -40,6 +40,7 @@ from station.core.folders import GOOD, NOVEL, LabelledImage, is_image_file, nove
 from station.core.overlay import anomaly_overlay, cartesian_map
 from station.core.pipeline import Pipeline
 from station.core.preprocess import canonical_view
+from station.core.report_format import num, pct
 from station.errors import DatasetError
 from station.sources.folder import load_frame
 
@@ -251,12 +252,6 @@ def write_report(result: EvaluationResult, figures: dict[str, Any], out: Path, w
     if tiles:
         cv2.imwrite(str(out / "worst.png"), np.hstack(tiles))
         written.append(out / "worst.png")
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f} %"
-
-    def num(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
 
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{pct(v['precision'])}</td><td>{pct(v['recall'])}</td>"

@@ -16,6 +16,8 @@ import math
 import torch
 from torch.nn import functional as F
 
+from station.training.options import RADIUS_MARGIN
+
 #: the located centre moves by up to this fraction of the rim radius, the radius by up to this factor
 CENTRE_JITTER = 0.03
 RADIUS_JITTER = 0.03
@@ -50,3 +52,29 @@ def reunwrap(x: torch.Tensor, d: torch.Tensor, phi: torch.Tensor, s: torch.Tenso
     gx = (rho0 / radius_margin * cols + 0.5) / cols * 2 - 1
     grid = torch.stack([gx, gy], dim=-1).to(x.dtype)
     return F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> torch.Tensor:
+    """A bottle turned by any angle, or mirrored, is the same bottle.
+
+    In the polar view (rows are angles) a turn is an exact circular shift of
+    rows and a mirror a flip of the row order: no interpolation, no borders.
+    With ``photometric`` (the classifier), also the mouth located a little off
+    (station/training/augment.py) and the lighting and sensor varied.
+    """
+    if photometric:
+        x = mouth_jitter(x, gen, RADIUS_MARGIN)
+    out = torch.empty_like(x)
+    rows = x.shape[2]
+    shifts = torch.randint(0, rows, (len(x),), generator=gen)
+    flips = torch.rand(len(x), generator=gen) < 0.5
+    for i in range(len(x)):
+        xi = torch.roll(x[i], int(shifts[i]), dims=1)
+        out[i] = torch.flip(xi, dims=(1,)) if flips[i] else xi
+    if photometric:  # brightness, contrast and colour of the RGB channels, then sensor noise
+        gain = 1.0 + (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
+        colour = 1.0 + (torch.rand(len(x), 3, 1, 1, generator=gen) - 0.5) * 0.2
+        bias = (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
+        noise = torch.randn(out[:, :3].shape, generator=gen) * 0.05
+        out[:, :3] = out[:, :3] * gain * colour + bias + noise
+    return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from station.core.report_format import num, pct
 from station.errors import ConfigError
 
 LOSO_FILE = "loso.md"
@@ -37,21 +38,17 @@ class LosoPlan:
     left_out: tuple[str, ...] = ()
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v * 100:.1f} %"
-
-
 def _row(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
     recall = f.get("per_class", {})
     defects = [c for c in recall if c != "good"]
     worst = min(defects, key=lambda c: recall[c]["recall"] or 0.0) if defects else None
     novel = f.get("novel") or {}
     auroc = f.get("image_auroc")
-    return (f"| {style} | {', '.join(trained_on)} | {_pct(f.get('accuracy'))} | "
-            + (f"{worst} {_pct(recall[worst]['recall'])}" if worst else "n/a")
-            + f" | {_pct(f.get('good_passed'))} | {_pct(f.get('defects_rejected'))} | "
-            f"{_pct(novel.get('anomaly'))} / {_pct(novel.get('combined'))} | "
-            + ("n/a" if auroc is None else f"{auroc:.3f}") + " |")
+    return (f"| {style} | {', '.join(trained_on)} | {pct(f.get('accuracy'))} | "
+            + (f"{worst} {pct(recall[worst]['recall'])}" if worst else "n/a")
+            + f" | {pct(f.get('good_passed'))} | {pct(f.get('defects_rejected'))} | "
+            f"{pct(novel.get('anomaly'))} / {pct(novel.get('combined'))} | "
+            + num(auroc) + " |")
 
 
 def table(rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> str:
@@ -66,7 +63,8 @@ def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]
     from station.core.pipeline import Pipeline
     from station.tools.evaluate import folder_items, metrics, run_evaluation
     from station.tools.synth import write_dataset
-    from station.training.train import TrainOptions, train_bundle
+    from station.training.options import TrainOptions
+    from station.training.train import train_bundle
 
     if len(plan.styles) < 2:
         raise ConfigError("--styles: leaving one out needs at least 2 styles")

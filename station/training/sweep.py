@@ -27,8 +27,11 @@ from typing import Any
 import torch
 import yaml
 
+from station.core.report_format import pct
 from station.errors import ConfigError
-from station.training.train import TrainOptions, _say, prepare, train_classifier
+from station.training.classifier import train_classifier
+from station.training.options import TrainOptions, say
+from station.training.prepare import prepare
 
 SWEEPABLE = ("epochs", "batch_size", "lr", "optimizer", "balance", "backbone", "seed")
 
@@ -70,7 +73,7 @@ def run_sweep(opts: TrainOptions, sweep_file: Path) -> Path:
             run_opts = dataclasses.replace(opts, **params)
         except TypeError as exc:
             raise ConfigError(f"{sweep_file}: {exc}") from exc
-        _say(f"sweep attempt {attempt}: {params}")
+        say(f"sweep attempt {attempt}: {params}")
         t0 = time.monotonic()
         model, history = train_classifier(prepared.x_cls[:n], prepared.y[:n], 4, run_opts,
                                           prepared.x_cls[n:], prepared.y[n:])
@@ -88,7 +91,7 @@ def run_sweep(opts: TrainOptions, sweep_file: Path) -> Path:
     table = ["| attempt | epochs | batch | learning rate | optimiser | balance | best epoch | validation accuracy "
              "| holdout accuracy | holdout balanced accuracy | seconds |", "| --- " * 11 + "|"]
     for r in rows:
-        val = "n/a" if r["validation_accuracy"] is None else f"{100 * r['validation_accuracy']:.2f} %"
+        val = pct(r["validation_accuracy"], 2)
         table.append(f"| {r['attempt']} | {r['epochs']} | {r['batch_size']} | {r['lr']:g} | {r['optimizer']} | "
                      f"{r['balance']} | {r['best_epoch']} | {val} | {100 * r['holdout_accuracy']:.2f} % | "
                      f"{100 * r['holdout_balanced_accuracy']:.2f} % | {r['seconds']} |")

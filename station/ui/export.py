@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from station.core.atomic import swap_in_dir
 from station.core.folders import GOOD
 from station.errors import EXIT_OK, ConfigError
 from station.ui.rejects import resolve
@@ -52,9 +52,7 @@ def export(reviews_path: Path, archive: Path, out: Path, good_to: str = "train")
             listing.append({"file": f"{folder}/{name}", **review.as_dict(), "seq": review.message.get("seq"),
                             "run_id": review.message.get("run_id"), "frame_id": review.message.get("frame_id")})
         (staging / "reviews.json").write_text(json.dumps(listing, indent=1), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
+        swap_in_dir(staging, out)  # ``out`` is absent or empty (checked above)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,183 @@
+"""The watched-folder source on its own: inotify-driven, memory bounded by the backlog, not by history."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from station.core.frame import Frame
+from station.sources.folder import WatchedFolderSource
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Running:
+    """The source's frames() consumed in a thread, as the daemon's capture thread does."""
+
+    def __init__(self, source: WatchedFolderSource) -> None:
+        self.source = source
+        self.stop = threading.Event()
+        self.frames: list[Frame] = []
+        self.got = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for frame in self.source.frames(self.stop):
+            with self.got:
+                self.frames.append(frame)
+                self.got.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 20) -> list[str]:
+        with self.got:
+            assert self.got.wait_for(lambda: len(self.frames) >= n, timeout), f"{len(self.frames)} of {n} frames"
+            return [f.frame_id for f in self.frames]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "frames() did not end on stop"
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Path, _Running]]:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, remember=100))
+    try:
+        yield folder, run
+    finally:
+        run.close()
+
+
+def test_each_file_once_renames_and_subfolders_seen_hidden_ignored(running: tuple[Path, _Running]) -> None:
+    folder, run = running
+    time.sleep(0.1)  # the watcher is up
+    (folder / ".a.tmp").write_bytes(b"a")
+    (folder / ".a.tmp").rename(folder / "a.png")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "b.png").write_bytes(b"b")  # may land before inotify watches sub/: found by the walk
+    (folder / ".hidden.png").write_bytes(b"h")
+    assert sorted(run.wait_for(2)) == ["a.png", "sub/b.png"]
+    os.chmod(folder / "a.png", 0o600)  # an event on a file already taken, same content: not inspected again
+    time.sleep(0.3)
+    assert len(run.frames) == 2
+
+
+def test_a_partial_file_is_taken_only_once_it_holds_still(running: tuple[Path, _Running]) -> None:
+    folder, run = running
+    time.sleep(0.1)
+    with open(folder / "slow.png", "wb") as f:
+        for _ in range(8):  # writes 20 ms apart: shorter than the 30 ms settle time each
+            f.write(b"x" * 100)
+            f.flush()
+            time.sleep(0.02)
+    run.wait_for(1)
+    time.sleep(0.2)
+    assert [f.frame_id for f in run.frames] == ["slow.png"]
+    assert (folder / "slow.png").stat().st_size == 800
+    assert run.frames[0].path == folder / "slow.png"
+
+
+def test_a_taken_file_is_forgotten_once_gone_and_a_rewrite_is_a_new_image(running: tuple[Path, _Running]) -> None:
+    folder, run = running
+    time.sleep(0.1)
+    (folder / "a.png").write_bytes(b"first")
+    run.wait_for(1)
+    assert run.source.remembered == 1
+    (folder / "a.png").unlink()
+    deadline = time.monotonic() + 5
+    while run.source.remembered and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert run.source.remembered == 0
+    (folder / "a.png").write_bytes(b"second, longer")  # the same name again: a new image, inspected
+    assert run.wait_for(2) == ["a.png", "a.png"]
+
+
+def test_existing_files_are_skipped_when_asked_and_stop_leaves_the_rest(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "old.png").write_bytes(b"old")
+    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, process_existing=False))
+    try:
+        time.sleep(0.2)
+        (folder / "new.png").write_bytes(b"new")
+        assert run.wait_for(1) == ["new.png"]
+        time.sleep(0.2)
+        assert len(run.frames) == 1
+    finally:
+        run.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["new.png", "old.png"]
+
+
+@pytest.mark.slow
+def test_twenty_thousand_files_through_a_watched_folder_with_flat_memory(tmp_path: Path) -> None:
+    """20 000 small files, written in batches while the source runs: every one taken once, memory flat.
+
+    The files stay on disk (nobody empties the folder): only the LRU bound keeps what is remembered flat.
+    """
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    total, batch, remember = 20_000, 500, 1_000
+    source = WatchedFolderSource(folder, poll_interval_s=0.02, remember=remember)
+    stop = threading.Event()
+    taken = 0
+    consumed = threading.Condition()
+    errors: list[BaseException] = []
+
+    def write_batches() -> None:
+        try:
+            for b in range(total // batch):
+                need = (b - 1) * batch
+
+                def caught_up(need: int = need) -> bool:
+                    return taken >= need or stop.is_set()
+
+                with consumed:  # keep at most one batch ahead, as a camera at line rate would
+                    consumed.wait_for(caught_up, 30)
+                for i in range(b * batch, (b + 1) * batch):
+                    (folder / f"{i:05d}.png").write_bytes(b"%d" % i)
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    writer = threading.Thread(target=write_batches, daemon=True)
+    watchdog = threading.Timer(90, stop.set)
+    watchdog.start()
+    hits = bytearray(total)  # preallocated: the test's own bookkeeping must not grow either
+    max_remembered = max_waiting = 0
+    rss_mid = 0
+    t0 = time.monotonic()
+    try:
+        frames = source.frames(stop)
+        writer.start()
+        for frame in frames:
+            hits[int(frame.frame_id[:5])] += 1
+            with consumed:
+                taken += 1
+                consumed.notify_all()
+            max_remembered = max(max_remembered, source.remembered)
+            max_waiting = max(max_waiting, source.waiting)
+            if taken == total // 4:
+                rss_mid = _rss_bytes()
+            if taken == total:
+                break
+        rss_end = _rss_bytes()
+    finally:
+        stop.set()
+        watchdog.cancel()
+        writer.join(10)
+    elapsed = time.monotonic() - t0
+    assert not errors, errors
+    assert taken == total and hits == bytearray([1]) * total, f"{taken} frames, {hits.count(1)} once, {elapsed:.1f} s"
+    assert max_remembered == remember  # reached and never exceeded; without the bound it would be 20 000
+    assert max_waiting <= 2 * batch  # the backlog is what was written and not yet taken, nothing more
+    # The last three quarters of the run add no memory worth the name (a set of 15 000 more paths would be MBs).
+    assert rss_end - rss_mid < 3 * 2**20, f"RSS grew by {(rss_end - rss_mid) / 2**20:.1f} MiB"
