@@ -19,7 +19,13 @@ fi
 .venv/bin/python deploy/tensorrt_stubs.py .venv/tensorrt-stubs 2> >(grep -v '^WARNING: Location' >&2)
 .venv/bin/python -m ruff check station tests
 .venv/bin/python -m mypy
+# The layer contract (pyproject.toml [tool.importlinter], docs/architecture.md): layers, no cycles, torch-free serving.
+.venv/bin/lint-imports --no-cache
 # The same TensorRT code against TensorRT 11's API: stubs made once from NVIDIA's 11.x bindings wheel
 # (PyPI), kept in .venv/tensorrt11; a name 11.x removed, outside an `if TENSORRT_10:` branch, fails here.
 .venv/bin/python deploy/tensorrt11_check.py station/core/backends 2> >(grep -v '^WARNING: Location' >&2)
-exec .venv/bin/python -m pytest -q "$@"
+# In parallel: most tests wait on a station subprocess or a socket, so 3 workers beat the 2 cores' worth
+# (measured on 2 cores: 3 ahead of 2, 4 and 6).
+# loadfile keeps a file's tests on one worker (many share a server, a browser or a data set per file);
+# tests/conftest.py hands the longest files out first, hence no reordering by xdist. `-n 0` runs serially.
+exec .venv/bin/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder "$@"

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_station
 
 
@@ -41,6 +43,7 @@ def test_bench_refuses_an_empty_folder(bundle: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no images under" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_compares_the_chosen_precision_with_a_baseline_in_the_same_run(bundle: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -77,6 +77,7 @@ def test_support_is_the_90_percent_quantile_with_few_images_and_warns_naming_the
     assert many.warning is None and many.value == pytest.approx(np.quantile(scores, 0.5))
 
 
+@pytest.mark.slow
 def test_training_records_the_decision_and_warns_about_small_classes(synth_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
     proc = run_station("train", "--data", str(synth_root), "--out", str(out), "--epochs", "1", "--ae-steps", "8",

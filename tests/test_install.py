@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from station.service.config import load_config
 
 REPO = Path(__file__).parents[1]
@@ -16,6 +18,7 @@ def _install(dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600, env={**os.environ, "DESTDIR": str(dest)})
 
 
+@pytest.mark.slow
 def test_destdir_install_is_complete_relocated_and_torch_free(bundle: Path, tmp_path: Path) -> None:
     dest = tmp_path / "root"
     proc = _install(dest, "--prefix", "/srv/station", "--bundle", str(bundle), "--gpu")

@@ -13,6 +13,7 @@ from tests.conftest import run_station
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow
 def test_backlit_data_trains_a_backlit_bundle_that_replays_without_errors(tmp_path: Path) -> None:
     proc = run_station("synth", "--out", str(tmp_path / "data"), "--seed", "6", "--style", "backlit",
                        "--train-good", "6", "--test-per-class", "2")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_station
 
 
+@pytest.mark.slow
 def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> None:
     out = tmp_path / "loso"
     proc = run_station("loso", "--out", str(out), "--styles", "ring,dome", "--train-good", "6",

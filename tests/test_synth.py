@@ -160,6 +160,7 @@ def test_novel_folder_is_no_class(tmp_path: Path) -> None:
     assert not is_labelled_folder(only_novel, BOTTLE_CLASSES)
 
 
+@pytest.mark.slow
 def test_synth_novel_then_train_and_replay(tmp_path: Path) -> None:
     """`station synth --novel`, then `station train` and `station replay` on that data, as a user would."""
     proc = run_station("synth", "--out", str(tmp_path / "data"), "--seed", "5", "--train-good", "6",
@@ -198,6 +199,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_synth_styles_are_deterministic_cycled_and_recorded(tmp_path: Path) -> None:
     """`station synth --style all` twice with one seed: the same bytes, every style, class and novel kind."""
     args = ("--seed", "4", "--train-good", "3", "--test-per-class", "3", "--novel", "6", "--style", "all")

@@ -12,6 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from station.core.folders import list_images
 from tests.conftest import run_station
 from tests.stationproc import StationProcess
@@ -20,6 +22,7 @@ from tests.test_ui_support import UiProcess, token_file
 DEFECTS = ("broken_large", "broken_small", "contamination")
 
 
+@pytest.mark.slow
 def test_reviewed_rejects_export_to_a_folder_that_trains_and_calibrates(bundle: Path, synth_root: Path,
                                                                         tmp_path: Path) -> None:
     incoming, archive, reviews = tmp_path / "incoming", tmp_path / "rejects", tmp_path / "reviews.sqlite"
