@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from station.cli._args import non_negative_int, positive_float, positive_int
-from station.errors import EXIT_OK, MissingDependencyError
+from station.errors import EXIT_OK, ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
     from station.cli._args import Subparsers
@@ -82,14 +82,43 @@ def handle_train(args: argparse.Namespace) -> int:
 
 
 def register_loso(sub: Subparsers) -> None:
-    # loso's options live beside its runner (station/training/loso.py), whose module imports no torch.
-    from station.training.loso import add_parser
-
-    add_parser(sub)
-    sub.choices["loso"].set_defaults(handler=handle_loso)
+    p = sub.add_parser("loso", help="leave one renderer style out: train on the others, judge on it")
+    p.add_argument("--out", type=Path, required=True, help="folder for the data, bundles and loso.md")
+    p.add_argument("--styles", default="ring,dome,backlit", help="comma list of synth styles (default: all three)")
+    p.add_argument("--train-seed", type=int, default=1)
+    p.add_argument("--judge-seed", type=int, default=2)
+    p.add_argument("--train-good", type=positive_int, default=60)
+    p.add_argument("--train-per-class", type=positive_int, default=20)
+    p.add_argument("--judge-per-class", type=positive_int, default=30)
+    p.add_argument("--novel", type=non_negative_int, default=30)
+    p.add_argument("--epochs", type=positive_int, default=60)
+    p.add_argument("--ae-steps", type=positive_int, default=1000)
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--left-out", default=None, metavar="NAME[,NAME…]",
+                   help="leave out only these styles (default: each in turn), e.g. to run the folds in parallel")
+    p.set_defaults(handler=handle_loso)
 
 
 def handle_loso(args: argparse.Namespace) -> int:
-    from station.training.loso import cmd_loso
+    # station.training.loso imports no torch at module level; run_loso trains, so only when run.
+    from station.tools.synth import parse_styles
+    from station.training.loso import LOSO_FILE, LosoPlan, run_loso, table
 
-    return cmd_loso(args)
+    try:
+        styles = parse_styles(args.styles)
+    except ValueError as exc:
+        raise ConfigError(f"--styles: {exc}") from exc
+    try:
+        left_out = parse_styles(args.left_out) if args.left_out else ()
+    except ValueError as exc:
+        raise ConfigError(f"--left-out: {exc}") from exc
+    if set(left_out) - set(styles):
+        raise ConfigError(f"--left-out {args.left_out}: not among --styles {args.styles}")
+    plan = LosoPlan(args.out, styles, train_seed=args.train_seed, judge_seed=args.judge_seed,
+                    train_good=args.train_good, train_per_class=args.train_per_class,
+                    judge_per_class=args.judge_per_class, novel=args.novel, epochs=args.epochs,
+                    ae_steps=args.ae_steps, threads=args.threads, left_out=left_out)
+    rows = run_loso(plan)
+    print(table(rows), end="")
+    print(f"wrote {args.out / LOSO_FILE}")
+    return EXIT_OK

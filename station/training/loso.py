@@ -9,9 +9,8 @@ serving pipeline at the bundle's own calibrated threshold. ``OUT/loso.md`` is th
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,56 +97,3 @@ def _write(plan: LosoPlan, rows: list[tuple[str, tuple[str, ...], dict[str, Any]
     (plan.out / LOSO_FILE).write_text(table(rows), encoding="utf-8")
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not ≥ 1")
-    return value
-
-
-def _count0(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def add_parser(sub: Any) -> None:
-    p = sub.add_parser("loso", help="leave one renderer style out: train on the others, judge on it")
-    p.add_argument("--out", type=Path, required=True, help="folder for the data, bundles and loso.md")
-    p.add_argument("--styles", default="ring,dome,backlit", help="comma list of synth styles (default: all three)")
-    p.add_argument("--train-seed", type=int, default=1)
-    p.add_argument("--judge-seed", type=int, default=2)
-    p.add_argument("--train-good", type=_count, default=60)
-    p.add_argument("--train-per-class", type=_count, default=20)
-    p.add_argument("--judge-per-class", type=_count, default=30)
-    p.add_argument("--novel", type=_count0, default=30)
-    p.add_argument("--epochs", type=_count, default=60)
-    p.add_argument("--ae-steps", type=_count, default=1000)
-    p.add_argument("--threads", type=_count0, default=0, help="torch CPU threads (0: all cores)")
-    p.add_argument("--left-out", default=None, metavar="NAME[,NAME…]",
-                   help="leave out only these styles (default: each in turn), e.g. to run the folds in parallel")
-
-
-def cmd_loso(args: argparse.Namespace) -> int:
-    from station.tools.synth import parse_styles
-
-    try:
-        styles = parse_styles(args.styles)
-    except ValueError as exc:
-        raise ConfigError(f"--styles: {exc}") from exc
-    try:
-        left_out = parse_styles(args.left_out) if args.left_out else ()
-    except ValueError as exc:
-        raise ConfigError(f"--left-out: {exc}") from exc
-    if set(left_out) - set(styles):
-        raise ConfigError(f"--left-out {args.left_out}: not among --styles {args.styles}")
-    plan = replace(LosoPlan(args.out, styles, left_out=left_out), train_seed=args.train_seed,
-                   judge_seed=args.judge_seed,
-                   train_good=args.train_good, train_per_class=args.train_per_class,
-                   judge_per_class=args.judge_per_class, novel=args.novel, epochs=args.epochs,
-                   ae_steps=args.ae_steps, threads=args.threads)
-    rows = run_loso(plan)
-    print(table(rows), end="")
-    print(f"wrote {args.out / LOSO_FILE}")
-    return 0
