@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,3 +182,67 @@ def test_twenty_thousand_files_through_a_watched_folder_with_flat_memory(tmp_pat
     assert max_waiting <= 2 * batch  # the backlog is what was written and not yet taken, nothing more
     # The last three quarters of the run add no memory worth the name (a set of 15 000 more paths would be MBs).
     assert rss_end - rss_mid < 3 * 2**20, f"RSS grew by {(rss_end - rss_mid) / 2**20:.1f} MiB"
+
+
+class _Deaf(WatchedFolderSource):
+    """Loses every inotify event after the first batch, as an overflowed kernel queue loses them."""
+
+    def _apply(self, changes: Any) -> None:
+        return None
+
+
+def _drop(folder: Path, name: str, data: bytes = b"x") -> None:
+    (folder / f".{name}").write_bytes(data)
+    (folder / f".{name}").rename(folder / name)
+
+
+def test_files_whose_events_were_lost_are_still_taken_once_by_the_rescan(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    run = _Running(_Deaf(folder, poll_interval_s=0.03, rescan_s=0.2))
+    try:
+        time.sleep(0.3)  # the watcher is up; from now on no event reaches the source
+        for i in range(30):
+            _drop(folder, f"{i:03d}.png")
+        taken = run.wait_for(30, timeout=20)
+        time.sleep(0.8)  # several more rescans: nothing is taken twice
+        assert sorted(taken) == [f"{i:03d}.png" for i in range(30)]
+        assert len(run.frames) == 30
+    finally:
+        run.close()
+
+
+def test_a_rescan_does_not_take_again_what_the_memory_has_let_go(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    source = WatchedFolderSource(folder, poll_interval_s=0.03, remember=5, rescan_s=0.1)
+    run = _Running(source)
+    try:
+        time.sleep(0.3)
+        for i in range(20):
+            _drop(folder, f"{i:03d}.png")
+            time.sleep(0.005)  # distinct mtimes, as a camera's images have
+        run.wait_for(20)
+        assert source.remembered == 5
+        time.sleep(1.0)  # ten rescans over 20 files on disk, 15 of them forgotten
+        assert len(run.frames) == 20
+        _drop(folder, "new.png")
+        assert run.wait_for(21)[-1] == "new.png"
+    finally:
+        run.close()
+
+
+def test_with_process_existing_off_a_rescan_leaves_what_was_there_at_start(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i in range(5):
+        _drop(folder, f"old{i}.png")
+    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, process_existing=False, rescan_s=0.1))
+    try:
+        time.sleep(0.3)
+        _drop(folder, "new.png")
+        assert run.wait_for(1) == ["new.png"]
+        time.sleep(0.8)
+        assert [f.frame_id for f in run.frames] == ["new.png"]
+    finally:
+        run.close()

@@ -11,7 +11,7 @@ from station.sources.settings import FolderSourceConfig, OpenCvSourceConfig, Pyl
 def build_source(config: FolderSourceConfig | PylonSourceConfig | OpenCvSourceConfig) -> Source:
     if isinstance(config, FolderSourceConfig):
         return WatchedFolderSource(config.path, config.poll_interval_s, config.process_existing,
-                                   config.on_overload)
+                                   config.on_overload, rescan_s=config.rescan_s)
     backoff = Backoff(initial_s=min(0.1, config.reconnect_max_s), max_s=config.reconnect_max_s)
     if isinstance(config, PylonSourceConfig):
         from station.sources.pylon import PylonCamera

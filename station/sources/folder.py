@@ -20,6 +20,8 @@ from station.sources import OnOverload, SourceBase
 
 #: How many taken files a watched folder remembers; see WatchedFolderSource.
 DEFAULT_REMEMBER = 10_000
+#: How often a watched folder is listed in full, in case inotify dropped events; see WatchedFolderSource.
+DEFAULT_RESCAN_S = 60.0
 
 _Signature = tuple[int, int]  # (size, mtime_ns)
 
@@ -108,12 +110,19 @@ class WatchedFolderSource(SourceBase):
     than ``remember`` files ago would inspect it again). A file rewritten in place
     (a new size or mtime) is a new image and is inspected again, as is, with
     ``process_existing`` off, a file that was there at start and is rewritten.
+
+    inotify drops events when its kernel queue overflows, and watchfiles does not
+    say so; so every ``rescan_s`` (0: never) the folder is listed in full and a
+    file no event announced is taken like any other: nothing is lost. A listed
+    file counts as new only if it is younger (mtime) than every taken file the
+    memory has let go of, so a rescan never takes an old file a second time.
     """
 
     finite = False
 
     def __init__(self, path: Path, poll_interval_s: float = 0.2, process_existing: bool = True,
-                 on_overload: OnOverload = "wait", remember: int = DEFAULT_REMEMBER) -> None:
+                 on_overload: OnOverload = "wait", remember: int = DEFAULT_REMEMBER,
+                 rescan_s: float = DEFAULT_RESCAN_S) -> None:
         if not path.is_dir():
             raise SourceError(f"watched folder {path} does not exist or is not a folder")
         self.path = path
@@ -123,7 +132,11 @@ class WatchedFolderSource(SourceBase):
         self.poll_interval_s = poll_interval_s
         self.process_existing = process_existing
         self.remember = max(1, remember)
+        self.rescan_s = rescan_s
         self._seen: OrderedDict[Path, _Signature] = OrderedDict()
+        #: a listed file at or below this mtime and not remembered was taken long ago (or, with
+        #: process_existing off, was there at start): rescans leave it alone
+        self._forgotten_mtime_ns = 0
         #: files seen changing, not taken yet: path → (signature, monotonic time of its last change)
         self._pending: dict[Path, tuple[_Signature, float]] = {}
 
@@ -206,7 +219,20 @@ class WatchedFolderSource(SourceBase):
         self._seen[p] = sig
         self._seen.move_to_end(p)
         while len(self._seen) > self.remember:
-            self._seen.popitem(last=False)
+            _, (_, mtime_ns) = self._seen.popitem(last=False)
+            self._forgotten_mtime_ns = max(self._forgotten_mtime_ns, mtime_ns)
+
+    def _rescan(self, now: float) -> None:
+        """Take note of files no event announced (an inotify overflow drops them silently)."""
+        for p in self._listing():
+            if p in self._pending or p in self._seen:
+                continue  # pending, or taken: an event on a new version of it still arrives as usual
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            if st.st_mtime_ns > self._forgotten_mtime_ns:
+                self._pending[p] = ((st.st_size, st.st_mtime_ns), now)
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         interval_ms = max(1, round(self.poll_interval_s * 1000))
@@ -229,7 +255,11 @@ class WatchedFolderSource(SourceBase):
                 now = time.monotonic()
                 for p in self._listing():
                     self._note(p, now)
+            else:
+                # What is there now was there at start: a rescan must not take it.
+                self._forgotten_mtime_ns = time.time_ns()
             self._apply(first)
+            next_rescan = time.monotonic() + self.rescan_s
             while not stop.is_set():
                 for p, sig in self._take_ready():
                     if stop.is_set():  # files not taken stay on disk for the next run
@@ -241,6 +271,9 @@ class WatchedFolderSource(SourceBase):
                 if batch is None:
                     return
                 self._apply(batch)
+                if self.rescan_s > 0 and time.monotonic() >= next_rescan:
+                    self._rescan(time.monotonic())
+                    next_rescan = time.monotonic() + self.rescan_s
         finally:
             changes.close()  # releases the inotify watches now, not at garbage collection
 

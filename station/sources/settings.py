@@ -21,6 +21,8 @@ class FolderSourceConfig(_Strict):
     path: Path
     poll_interval_s: float = Field(default=0.2, gt=0, le=60)
     process_existing: bool = True
+    #: seconds between full listings that catch files whose inotify events were dropped (0: never)
+    rescan_s: float = Field(default=60.0, ge=0, le=86_400)
     #: inspection busy: ``wait`` (every file inspected) or ``skip`` (a ``skipped`` verdict, bounded latency)
     on_overload: Literal["wait", "skip"] = "wait"
 
