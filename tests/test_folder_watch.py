@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,30 @@ class _Running:
         assert not self.thread.is_alive(), "frames() did not end on stop"
 
 
+def _until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _watching(run: _Running) -> None:
+    assert run.source.watching.wait(10), "the source never started watching"
+
+
+def _rescans_pass(source: WatchedFolderSource, n: int) -> None:
+    """``n`` more full listings: events and rescans in between have been applied."""
+    target = source.rescans + n
+    _until(lambda: source.rescans >= target, f"{n} rescans")
+
+
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[tuple[Path, _Running]]:
     folder = tmp_path / "incoming"
     folder.mkdir()
-    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, remember=100))
+    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, remember=100, rescan_s=0.05))
     try:
+        _watching(run)
         yield folder, run
     finally:
         run.close()
@@ -61,7 +79,6 @@ def running(tmp_path: Path) -> Iterator[tuple[Path, _Running]]:
 
 def test_each_file_once_renames_and_subfolders_seen_hidden_ignored(running: tuple[Path, _Running]) -> None:
     folder, run = running
-    time.sleep(0.1)  # the watcher is up
     (folder / ".a.tmp").write_bytes(b"a")
     (folder / ".a.tmp").rename(folder / "a.png")
     (folder / "sub").mkdir()
@@ -69,20 +86,19 @@ def test_each_file_once_renames_and_subfolders_seen_hidden_ignored(running: tupl
     (folder / ".hidden.png").write_bytes(b"h")
     assert sorted(run.wait_for(2)) == ["a.png", "sub/b.png"]
     os.chmod(folder / "a.png", 0o600)  # an event on a file already taken, same content: not inspected again
-    time.sleep(0.3)
+    _rescans_pass(run.source, 3)
     assert len(run.frames) == 2
 
 
 def test_a_partial_file_is_taken_only_once_it_holds_still(running: tuple[Path, _Running]) -> None:
     folder, run = running
-    time.sleep(0.1)
     with open(folder / "slow.png", "wb") as f:
         for _ in range(8):  # writes 20 ms apart: shorter than the 30 ms settle time each
             f.write(b"x" * 100)
             f.flush()
             time.sleep(0.02)
     run.wait_for(1)
-    time.sleep(0.2)
+    _rescans_pass(run.source, 3)
     assert [f.frame_id for f in run.frames] == ["slow.png"]
     assert (folder / "slow.png").stat().st_size == 800
     assert run.frames[0].path == folder / "slow.png"
@@ -90,15 +106,11 @@ def test_a_partial_file_is_taken_only_once_it_holds_still(running: tuple[Path, _
 
 def test_a_taken_file_is_forgotten_once_gone_and_a_rewrite_is_a_new_image(running: tuple[Path, _Running]) -> None:
     folder, run = running
-    time.sleep(0.1)
     (folder / "a.png").write_bytes(b"first")
     run.wait_for(1)
     assert run.source.remembered == 1
     (folder / "a.png").unlink()
-    deadline = time.monotonic() + 5
-    while run.source.remembered and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert run.source.remembered == 0
+    _until(lambda: run.source.remembered == 0, "the deleted file to be forgotten")
     (folder / "a.png").write_bytes(b"second, longer")  # the same name again: a new image, inspected
     assert run.wait_for(2) == ["a.png", "a.png"]
 
@@ -107,12 +119,12 @@ def test_existing_files_are_skipped_when_asked_and_stop_leaves_the_rest(tmp_path
     folder = tmp_path / "incoming"
     folder.mkdir()
     (folder / "old.png").write_bytes(b"old")
-    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, process_existing=False))
+    run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, process_existing=False, rescan_s=0.05))
     try:
-        time.sleep(0.2)
+        _watching(run)
         (folder / "new.png").write_bytes(b"new")
         assert run.wait_for(1) == ["new.png"]
-        time.sleep(0.2)
+        _rescans_pass(run.source, 3)
         assert len(run.frames) == 1
     finally:
         run.close()
@@ -191,9 +203,12 @@ class _Deaf(WatchedFolderSource):
         return None
 
 
-def _drop(folder: Path, name: str, data: bytes = b"x") -> None:
-    (folder / f".{name}").write_bytes(data)
-    (folder / f".{name}").rename(folder / name)
+def _drop(folder: Path, name: str, mtime_ns: int | None = None) -> None:
+    hidden = folder / f".{name}"
+    hidden.write_bytes(b"x")
+    if mtime_ns is not None:
+        os.utime(hidden, ns=(mtime_ns, mtime_ns))
+    hidden.rename(folder / name)
 
 
 def test_files_whose_events_were_lost_are_still_taken_once_by_the_rescan(tmp_path: Path) -> None:
@@ -201,11 +216,11 @@ def test_files_whose_events_were_lost_are_still_taken_once_by_the_rescan(tmp_pat
     folder.mkdir()
     run = _Running(_Deaf(folder, poll_interval_s=0.03, rescan_s=0.2))
     try:
-        time.sleep(0.3)  # the watcher is up; from now on no event reaches the source
+        _watching(run)  # from now on no event reaches the source
         for i in range(30):
             _drop(folder, f"{i:03d}.png")
         taken = run.wait_for(30, timeout=20)
-        time.sleep(0.8)  # several more rescans: nothing is taken twice
+        _rescans_pass(run.source, 3)  # more rescans: nothing is taken twice
         assert sorted(taken) == [f"{i:03d}.png" for i in range(30)]
         assert len(run.frames) == 30
     finally:
@@ -218,15 +233,15 @@ def test_a_rescan_does_not_take_again_what_the_memory_has_let_go(tmp_path: Path)
     source = WatchedFolderSource(folder, poll_interval_s=0.03, remember=5, rescan_s=0.1)
     run = _Running(source)
     try:
-        time.sleep(0.3)
+        _watching(run)
+        start = time.time_ns()
         for i in range(20):
-            _drop(folder, f"{i:03d}.png")
-            time.sleep(0.005)  # distinct mtimes, as a camera's images have
+            _drop(folder, f"{i:03d}.png", mtime_ns=start + i * 1_000_000)  # distinct, as a camera's images
         run.wait_for(20)
         assert source.remembered == 5
-        time.sleep(1.0)  # ten rescans over 20 files on disk, 15 of them forgotten
+        _rescans_pass(source, 10)  # ten rescans over 20 files on disk, 15 of them forgotten
         assert len(run.frames) == 20
-        _drop(folder, "new.png")
+        _drop(folder, "new.png", mtime_ns=start + 21 * 1_000_000)
         assert run.wait_for(21)[-1] == "new.png"
     finally:
         run.close()
@@ -239,10 +254,10 @@ def test_with_process_existing_off_a_rescan_leaves_what_was_there_at_start(tmp_p
         _drop(folder, f"old{i}.png")
     run = _Running(WatchedFolderSource(folder, poll_interval_s=0.03, process_existing=False, rescan_s=0.1))
     try:
-        time.sleep(0.3)
+        _watching(run)
         _drop(folder, "new.png")
         assert run.wait_for(1) == ["new.png"]
-        time.sleep(0.8)
+        _rescans_pass(run.source, 5)
         assert [f.frame_id for f in run.frames] == ["new.png"]
     finally:
         run.close()

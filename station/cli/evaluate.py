@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from station.cli._args import positive_float
 from station.errors import EXIT_OK, ConfigError, MissingDependencyError
@@ -36,8 +36,10 @@ def handle_evaluate(args: argparse.Namespace) -> int:
     result = run_evaluation(pipeline, items, keep_overlays=args.report is not None)
     figures = metrics(result, pipeline)
 
-    def fmt(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.4f}"
+    from station.core.report_format import num
+
+    def fmt(v: float | None) -> str:
+        return num(v, 4)
 
     print(f"{figures['images']} images; 4-class accuracy {fmt(figures['accuracy'])}; image AUROC "
           f"{fmt(figures['image_auroc'])}; pixel AUROC {fmt(figures['pixel_auroc'])}")

@@ -133,6 +133,10 @@ class WatchedFolderSource(SourceBase):
         self.process_existing = process_existing
         self.remember = max(1, remember)
         self.rescan_s = rescan_s
+        #: set once inotify watches the folder: from then on no new file goes unseen
+        self.watching = threading.Event()
+        #: full listings done so far (each after the events of its poll interval were applied)
+        self.rescans = 0
         self._seen: OrderedDict[Path, _Signature] = OrderedDict()
         #: a listed file at or below this mtime and not remembered was taken long ago (or, with
         #: process_existing off, was there at start): rescans leave it alone
@@ -224,6 +228,7 @@ class WatchedFolderSource(SourceBase):
 
     def _rescan(self, now: float) -> None:
         """Take note of files no event announced (an inotify overflow drops them silently)."""
+        self.rescans += 1
         for p in self._listing():
             if p in self._pending or p in self._seen:
                 continue  # pending, or taken: an event on a new version of it still arrives as usual
@@ -235,6 +240,9 @@ class WatchedFolderSource(SourceBase):
                 self._pending[p] = ((st.st_size, st.st_mtime_ns), now)
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        if not self.process_existing:
+            # What is there before the watch starts was there at start: a rescan must not take it.
+            self._forgotten_mtime_ns = time.time_ns()
         interval_ms = max(1, round(self.poll_interval_s * 1000))
         changes = watch(
             self.path, watch_filter=None, stop_event=stop, recursive=True, ignore_permission_denied=True,
@@ -251,13 +259,11 @@ class WatchedFolderSource(SourceBase):
             first = self._next_changes(changes)
             if first is None:
                 return
+            self.watching.set()
             if self.process_existing:
                 now = time.monotonic()
                 for p in self._listing():
                     self._note(p, now)
-            else:
-                # What is there now was there at start: a rescan must not take it.
-                self._forgotten_mtime_ns = time.time_ns()
             self._apply(first)
             next_rescan = time.monotonic() + self.rescan_s
             while not stop.is_set():
