@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_run_inspects_new_files_and_drains_on_sigterm(bundle: Path, eval_root: P
 def test_a_failed_start_closes_what_it_had_opened(bundle: Path, tmp_path: Path) -> None:
     # In this process, so a resource left open would still hold the endpoint: the JSONL file cannot be
     # created (its folder is a file) after the publisher has bound.
-    from station.errors import ConfigError
+    from station.errors import ConfigError, PublishError
     from station.service.publish import VerdictPublisher
     from station.service.runner import run_station
 
@@ -117,9 +118,22 @@ def test_a_failed_start_closes_what_it_had_opened(bundle: Path, tmp_path: Path) 
     config = write_config(tmp_path / "station.yaml", station_id="cam1", model=str(bundle),
                           source={"path": "incoming"}, publish={"endpoint": endpoint},
                           output={"jsonl": "not-a-folder/verdicts.jsonl"})
-    with pytest.raises(ConfigError, match="cannot write verdicts"):
+    # The traceback keeps start-up's frames, and whatever they opened, alive: a publisher left unclosed
+    # would still hold the endpoint, not be closed behind our back by garbage collection.
+    with pytest.raises(ConfigError, match="cannot write verdicts") as failed:
         run_station(config)
-    VerdictPublisher(endpoint, "cam1", "again").close()  # PublishError if the first bind had been left open
+    # libzmq unbinds a closed socket on its I/O thread, a moment after close() returns: rebinding may need a
+    # few tries. A bind left open never frees, so the last try still raises PublishError.
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            VerdictPublisher(endpoint, "cam1", "again").close()
+            break
+        except PublishError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert failed.traceback  # held until here
 
 
 @pytest.mark.parametrize("args", [
