@@ -231,9 +231,16 @@ def test_whatif_counts_the_flips_and_the_reviewed_rejects(line: Line, page: Any)
     assert {v["seq"] for v in verdicts[-2:]} <= {r["seq"] for r in rows}
     flips = sum(decide(r, Rule(threshold)) == "pass" and r["verdict"] == "fail" for r in rows if r["error"] is None)
     page.goto("/#/whatif")
+    # The page's first state message fills in the station's threshold when the field is empty; typing before it
+    # has come races with it (it came between Playwright's select and insert once in CI, and 0 flips were shown).
+    page.wait_for_function("document.getElementById('run-id').textContent !== '–'")
     page.fill("input[name=threshold]", str(threshold))
-    page.click("#whatif-form button")
+    with page.expect_response(lambda r: "/api/whatif" in r.url) as response:
+        page.click("#whatif-form button")
+    answer = response.value.json()
+    assert answer["threshold"] == threshold, answer
     page.wait_for_selector("[data-testid=fail-to-pass]")
+    assert answer["fail_to_pass"] == flips, (answer, rows)
     assert page.inner_text("[data-testid=fail-to-pass] strong") == str(flips), rows
     assert page.inner_text("[data-testid=pass-to-fail] strong") == "0"
     reviewed = line.ui.get_json("/api/rejects?review=false_reject")["items"]
