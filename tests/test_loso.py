@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import run_station
 
@@ -15,7 +16,7 @@ def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> 
     out = tmp_path / "loso"
     proc = run_station("loso", "--out", str(out), "--styles", "ring,dome", "--train-good", "6",
                        "--train-per-class", "3", "--judge-per-class", "2", "--novel", "2", "--epochs", "1",
-                       "--ae-steps", "8", "--threads", "1", timeout=900)
+                       "--ae-steps", "8", "--threads", "1", "--calibrate-good", "4", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "loso.json").read_text())
     assert [r["left_out"] for r in record["results"]] == ["ring", "dome"]
@@ -31,6 +32,11 @@ def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> 
         figures = result["figures"]
         assert figures["images"] == 4 * 2 + 2  # every judged image went through the station, novel ones too
         assert 0.0 <= figures["accuracy"] <= 1.0 and figures["novel"]["images"] == 2
+        # Judged again after the line's own good bottles set the threshold: a copy, recalibrated on 4 of them.
+        calibrated = figures["calibrated_on_line"]
+        assert calibrated["good"] == 4 and calibrated["figures"]["images"] == figures["images"]
+        manifest = yaml.safe_load((out / "models" / f"without-{left_out}-calibrated" / "manifest.yaml").read_text())
+        assert manifest["anomaly"]["threshold"] == calibrated["figures"]["threshold"] != figures["threshold"]
     table = (out / "loso.md").read_text()
     assert table.count("\n| ring | dome |") == 1 and table.count("\n| dome | ring |") == 1
     assert "wrote" in proc.stdout
@@ -39,3 +45,17 @@ def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> 
 def test_loso_refuses_an_unknown_style(tmp_path: Path) -> None:
     proc = run_station("loso", "--out", str(tmp_path), "--styles", "ring,neon")
     assert proc.returncode != 0 and "neon" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_lighting_nobody_trained_on_is_still_located(tmp_path: Path) -> None:
+    """Trained on ring-lit bottles only, judged on backlit ones: the bundle locates each frame as it is lit."""
+    out = tmp_path / "loso"
+    proc = run_station("loso", "--out", str(out), "--styles", "ring,backlit", "--left-out", "backlit",
+                       "--train-good", "6", "--train-per-class", "3", "--judge-per-class", "2", "--novel", "0",
+                       "--epochs", "1", "--ae-steps", "8", "--threads", "1", "--calibrate-good", "0", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = yaml.safe_load((out / "models" / "without-backlit" / "manifest.yaml").read_text())
+    assert manifest["view"]["lighting"] == "auto"  # front, as the ring images alone say, finds no backlit mouth
+    figures = json.loads((out / "loso.json").read_text())["results"][0]["figures"]
+    assert figures["images"] == 8 and figures["unreadable"] == 0

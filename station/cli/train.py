@@ -29,9 +29,14 @@ def register_train(sub: Subparsers) -> None:
                         "over this many folds (0 or 1: hold 20 %% of them out instead)")
     t.add_argument("--device", default="auto",
                    help="auto (CUDA when torch sees a GPU), cpu, cuda or cuda:N; the bundle is the same")
-    t.add_argument("--lighting", default="auto", choices=["auto", "front", "back"],
-                   help="how the mouth is lit: front (ring or dome light above), back (light from below), or "
-                        "auto: the one all training images show, recorded in the bundle (mixed: decided per frame)")
+    t.add_argument("--lighting", default="auto", choices=["auto", "front", "back", "per-frame"],
+                   help="how the mouth is lit: front (ring or dome light above), back (light from below), "
+                        "auto: the one all training images show, recorded in the bundle (mixed: decided per "
+                        "frame), or per-frame: decided for each frame whatever the training images show")
+    t.add_argument("--input-view", default="residual", choices=["raw", "residual"],
+                   help="what both networks see of the polar view: residual (the default: what differs between "
+                        "angles of the mouth, docs/models.md) or raw (each image standardised as a whole, and the "
+                        "augmentations of bundles before 2026-12-07)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--target-false-reject", type=positive_float, default=0.01,
@@ -67,7 +72,7 @@ def handle_train(args: argparse.Namespace) -> int:
         name=args.name or args.out.name, threads=args.threads, backbone=args.backbone,
         pretrained=args.pretrained, lr=args.lr, optimizer=args.optimizer, balance=args.balance,
         anomaly_model=args.anomaly_model, cross_fit_folds=args.cross_fit_folds, device=pick_device(args.device),
-        lighting=args.lighting,
+        lighting=args.lighting, input_view=args.input_view,
     )
     if args.sweep:
         from station.training.sweep import run_sweep
@@ -94,6 +99,13 @@ def register_loso(sub: Subparsers) -> None:
     p.add_argument("--epochs", type=positive_int, default=60)
     p.add_argument("--ae-steps", type=positive_int, default=1000)
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
+    p.add_argument("--input-view", default="residual", choices=["raw", "residual"], help="as station train's")
+    p.add_argument("--calibrate-good", type=non_negative_int, default=30,
+                   help="then judge again after `station calibrate` on this many good bottles of the left-out "
+                        "style, as a line installing a bundle would (0: not done)")
+    p.add_argument("--lighting", default="per-frame", choices=["auto", "front", "back", "per-frame"],
+                   help="as station train's; per-frame (the default) lets a bundle meet a lighting it never "
+                        "trained on")
     p.add_argument("--left-out", default=None, metavar="NAME[,NAME…]",
                    help="leave out only these styles (default: each in turn), e.g. to run the folds in parallel")
     p.set_defaults(handler=handle_loso)
@@ -117,7 +129,8 @@ def handle_loso(args: argparse.Namespace) -> int:
     plan = LosoPlan(args.out, styles, train_seed=args.train_seed, judge_seed=args.judge_seed,
                     train_good=args.train_good, train_per_class=args.train_per_class,
                     judge_per_class=args.judge_per_class, novel=args.novel, epochs=args.epochs,
-                    ae_steps=args.ae_steps, threads=args.threads, left_out=left_out)
+                    ae_steps=args.ae_steps, threads=args.threads, left_out=left_out,
+                    input_view=args.input_view, lighting=args.lighting, calibrate_good=args.calibrate_good)
     rows = run_loso(plan)
     print(table(rows), end="")
     print(f"wrote {args.out / LOSO_FILE}")

@@ -35,7 +35,7 @@ def train_autoencoder(x: torch.Tensor, opts: TrainOptions, steps: int | None = N
     device = torch.device(opts.device)
     torch.manual_seed(opts.seed + 1 + seed_offset)
     gen = torch.Generator().manual_seed(opts.seed + 1 + seed_offset)
-    model = ConvAutoencoder().to(device)
+    model = ConvAutoencoder(view=opts.input_view).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=opts.ae_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     batch = min(8, len(x))
@@ -45,7 +45,8 @@ def train_autoencoder(x: torch.Tensor, opts: TrainOptions, steps: int | None = N
     report_every = max(1, steps // 10)
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        z = model.standardise(augment_batch(x[idx], gen, photometric=False).to(device))
+        residual = opts.input_view == "residual"
+        z = model.standardise(augment_batch(x[idx], gen, photometric=False, drift=residual).to(device))
         loss = (model(z) - z).abs().mean()
         opt.zero_grad()
         loss.backward()
@@ -87,7 +88,7 @@ def train_anomaly_model(x: torch.Tensor, opts: TrainOptions, steps: int | None =
     torch.manual_seed(opts.seed + 1 + seed_offset)
     gen = torch.Generator().manual_seed(opts.seed + 1 + seed_offset)
     device = torch.device(opts.device)
-    model = DraemModel().to(device)
+    model = DraemModel(view=opts.input_view).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=opts.ae_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     batch = min(8, len(x))
@@ -101,7 +102,8 @@ def train_anomaly_model(x: torch.Tensor, opts: TrainOptions, steps: int | None =
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         # Half the bottle's turn per image: a turned bottle is a circular shift of rows, so after the
         # random turn the first half is a random half; it halves the cost of a step.
-        clean = augment_batch(x[idx], gen, photometric=False)[:, :, : x.shape[2] // 2]
+        clean = augment_batch(x[idx], gen, photometric=False,
+                              drift=opts.input_view == "residual")[:, :, : x.shape[2] // 2]
         anomalous, mask = simulate(clean, gen, rim_col)
         target_z = model.autoencoder.standardise(clean.to(device))
         _, restored, logits = model(anomalous.to(device))

@@ -21,6 +21,13 @@ from station.training.options import RADIUS_MARGIN
 #: the located centre moves by up to this fraction of the rim radius, the radius by up to this factor
 CENTRE_JITTER = 0.03
 RADIUS_JITTER = 0.03
+#: the anomaly model's good bottles: intensities to the power 1 ± AE_GAMMA (a lamp ageing, a camera's
+#: gamma), exposure × (1 ± AE_EXPOSURE) clipped at white as a sensor clips (bright clear glass under a
+#: strong lamp saturates: the demo's brightest good bottle, 7 % of it at 255, scored over the threshold
+#: without it), and the mouth located off by half the classifier's jitter
+AE_GAMMA = 0.15
+AE_EXPOSURE = 0.3
+AE_JITTER = 0.5
 
 
 def mouth_jitter(x: torch.Tensor, gen: torch.Generator, radius_margin: float,
@@ -54,16 +61,29 @@ def reunwrap(x: torch.Tensor, d: torch.Tensor, phi: torch.Tensor, s: torch.Tenso
     return F.grid_sample(stacked, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment_batch(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, gen: torch.Generator, photometric: bool, *, drift: bool = False,
+                  invert: bool = False) -> torch.Tensor:
     """A bottle turned by any angle, or mirrored, is the same bottle.
 
     In the polar view (rows are angles) a turn is an exact circular shift of
     rows and a mirror a flip of the row order: no interpolation, no borders.
     With ``photometric`` (the classifier), also the mouth located a little off
-    (station/training/augment.py) and the lighting and sensor varied.
+    (station/training/augment.py) and the lighting and sensor varied. With
+    ``drift`` (the anomaly model's good bottles, pixels in [0, 1]), the mouth
+    located a little off, the intensities' gamma and the exposure varied
+    (clipped at white), so that a line
+    drifting that way does not read as a line of defects. With ``invert``, half
+    the images negated: a chip shows dark on a ring-lit lip and light on a
+    backlit one, and a speck is dark or bright, so the class is in its shape,
+    not its sign.
     """
     if photometric:
         x = mouth_jitter(x, gen, RADIUS_MARGIN)
+    elif drift:
+        x = mouth_jitter(x, gen, RADIUS_MARGIN, CENTRE_JITTER * AE_JITTER, RADIUS_JITTER * AE_JITTER)
+        gamma = 1.0 + (torch.rand(len(x), 1, 1, 1, generator=gen) * 2 - 1) * AE_GAMMA
+        exposure = 1.0 + (torch.rand(len(x), 1, 1, 1, generator=gen) * 2 - 1) * AE_EXPOSURE
+        x = (x.clamp(min=0.0) ** gamma * exposure).clamp(max=1.0)
     out = torch.empty_like(x)
     rows = x.shape[2]
     shifts = torch.randint(0, rows, (len(x),), generator=gen)
@@ -77,4 +97,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, photometric: bool) -> t
         bias = (torch.rand(len(x), 1, 1, 1, generator=gen) - 0.5) * 0.4
         noise = torch.randn(out[:, :3].shape, generator=gen) * 0.05
         out[:, :3] = out[:, :3] * gain * colour + bias + noise
+    if invert:
+        sign = torch.where(torch.rand(len(x), 1, 1, 1, generator=gen) < 0.5, -1.0, 1.0)
+        out[:, :3] = out[:, :3] * sign
     return out

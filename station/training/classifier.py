@@ -66,7 +66,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
     torch.manual_seed(opts.seed)
     gen = torch.Generator().manual_seed(opts.seed)
     device = torch.device(opts.device)
-    model = make_classifier(opts.backbone, n_classes, pretrained=opts.pretrained).to(device)
+    model = make_classifier(opts.backbone, n_classes, pretrained=opts.pretrained, view=opts.input_view).to(device)
     counts = torch.bincount(y, minlength=n_classes).float().clamp(min=1)
     prior = counts / counts.sum()
     weights = counts.sum() / (n_classes * counts) if opts.balance == "weighted" else None
@@ -95,7 +95,8 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
             if len(idx) < 2:  # batch norm cannot train on a batch of one
                 continue
             target = y[idx].to(device)
-            logits = model(augment_batch(x[idx], gen, photometric=True).to(device))
+            logits = model(augment_batch(x[idx], gen, photometric=True,
+                                         invert=opts.input_view == "residual").to(device))
             train_logits = logits + logit_bias if logit_bias is not None else logits
             loss = loss_fn(train_logits, target)
             opt.zero_grad()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from station.core.report_format import num, pct
 from station.errors import ConfigError
@@ -35,9 +35,20 @@ class LosoPlan:
     threads: int = 0
     #: the styles to leave out in turn (default: every one); each is still trained without
     left_out: tuple[str, ...] = ()
+    input_view: str = "residual"
+    #: good bottles of the left-out style (another seed) the bundle is then recalibrated on, as a line
+    #: installing a bundle runs `station calibrate` on its own good bottles; 0: not done
+    calibrate_good: int = 30
+    lighting: Literal["front", "back", "auto", "per-frame"] = "per-frame"
 
 
 def _row(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
+    calibrated = f.get("calibrated_on_line")
+    return _cells(style, trained_on, f) + (_cells("", (f"↳ calibrated on {calibrated['good']} of its good",),
+                                                  calibrated["figures"]) if calibrated else "")
+
+
+def _cells(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
     recall = f.get("per_class", {})
     defects = [c for c in recall if c != "good"]
     worst = min(defects, key=lambda c: recall[c]["recall"] or 0.0) if defects else None
@@ -47,14 +58,14 @@ def _row(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
             + (f"{worst} {pct(recall[worst]['recall'])}" if worst else "n/a")
             + f" | {pct(f.get('good_passed'))} | {pct(f.get('defects_rejected'))} | "
             f"{pct(novel.get('anomaly'))} / {pct(novel.get('combined'))} | "
-            + num(auroc) + " |")
+            + num(auroc) + f" | {num(f.get('threshold'))} |\n")
 
 
 def table(rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> str:
     head = ("| left out (judged) | trained on | 4-class accuracy | lowest defect recall | good passed | "
-            "defects rejected | novel rejected (anomaly alone / combined) | image AUROC |\n"
-            + "| --- " * 8 + "|")
-    return head + "\n" + "\n".join(_row(s, t, f) for s, t, f in rows) + "\n"
+            "defects rejected | novel rejected (anomaly alone / combined) | image AUROC | threshold |\n"
+            + "| --- " * 9 + "|")
+    return head + "\n" + "".join(_row(s, t, f) for s, t, f in rows)
 
 
 def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
@@ -79,14 +90,42 @@ def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]
                       novel=plan.novel, styles=(style,))
         model = plan.out / "models" / tag
         train_bundle(TrainOptions(data=train_root / "bottle", out=model, epochs=plan.epochs, ae_steps=plan.ae_steps,
-                                  seed=plan.train_seed, threads=plan.threads, name=tag))
+                                  seed=plan.train_seed, threads=plan.threads, name=tag,
+                                  input_view=plan.input_view, lighting=plan.lighting))
         bundle = load_bundle(model)
         pipeline = Pipeline(bundle)
         items = folder_items(judge_root / "bottle" / "test", bundle.manifest.classes)
         figures = metrics(run_evaluation(pipeline, items, keep_overlays=False), pipeline)
+        if plan.calibrate_good:
+            figures["calibrated_on_line"] = _judge_calibrated(plan, style, model, items)
         rows.append((style, others, figures))
         _write(plan, rows)
     return rows
+
+
+def _judge_calibrated(plan: LosoPlan, style: str, model: Path, items: list[Any]) -> dict[str, Any]:
+    """The bundle recalibrated on good bottles of the left-out style (no labels, no training), judged again."""
+    import shutil
+
+    from station.core.bundle import load_bundle
+    from station.core.folders import list_images
+    from station.core.pipeline import Pipeline
+    from station.sources.folder import load_frame
+    from station.tools.calibrate import recalibrate
+    from station.tools.evaluate import metrics, run_evaluation
+    from station.tools.synth import write_dataset
+
+    line_root = plan.out / "data" / f"line-good-{style}"
+    write_dataset(line_root, seed=plan.judge_seed + 1000, train_good=plan.calibrate_good, test_per_class=0,
+                  styles=(style,))
+    good = line_root / "bottle" / "train" / "good"
+    calibrated = model.with_name(model.name + "-calibrated")
+    shutil.rmtree(calibrated, ignore_errors=True)
+    shutil.copytree(model, calibrated)
+    frames = [load_frame(p, n, good, "calibrate", None) for n, p in enumerate(list_images(good))]
+    recalibrate(load_bundle(calibrated), frames, 0.01)
+    pipeline = Pipeline(load_bundle(calibrated))
+    return {"good": len(frames), "figures": metrics(run_evaluation(pipeline, items, keep_overlays=False), pipeline)}
 
 
 def _write(plan: LosoPlan, rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> None:

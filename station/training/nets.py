@@ -13,6 +13,9 @@ from station.errors import DatasetError
 
 BACKBONES = ("mobilenet_v3_small", "resnet18", "efficientnet_b0")
 AUTOENCODER_ARCH = "polar_conv_ae3"
+#: what the networks see of the polar view: "raw" (each image standardised as a whole) or "residual" (each
+#: radius column's mean over all angles taken away, see angular_residual)
+INPUT_VIEWS = ("raw", "residual")
 #: the classifier sees the RGB polar view and the autoencoder's anomaly map as a 4th channel
 CLASSIFIER_CHANNELS = 4
 
@@ -42,7 +45,7 @@ def _replace_head(net: nn.Module, num_classes: int) -> None:
 
 
 def make_classifier(arch: str, num_classes: int, in_channels: int = CLASSIFIER_CHANNELS,
-                    pretrained: Path | None = None) -> nn.Module:
+                    pretrained: Path | None = None, view: str = "raw") -> nn.Module:
     """A torchvision backbone with ``in_channels`` inputs and ``num_classes`` outputs.
 
     ``pretrained`` is a torchvision state-dict file the user provides (nothing
@@ -51,6 +54,8 @@ def make_classifier(arch: str, num_classes: int, in_channels: int = CLASSIFIER_C
     """
     if arch not in BACKBONES:
         raise DatasetError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
+    if view not in INPUT_VIEWS:
+        raise DatasetError(f"unknown input view {view!r}; choose one of {', '.join(INPUT_VIEWS)}")
     net: nn.Module = getattr(models, arch)(weights=None)
     if pretrained is not None:
         if not pretrained.is_file():
@@ -75,7 +80,40 @@ def make_classifier(arch: str, num_classes: int, in_channels: int = CLASSIFIER_C
             if conv.bias is not None and wider.bias is not None:
                 wider.bias.copy_(conv.bias)
         setattr(parent, name, wider)
-    return net
+    return ResidualView(net) if view == "residual" else net
+
+
+def angular_residual(x: torch.Tensor) -> torch.Tensor:
+    """The polar view less what every angle of the mouth has in common, in units of the image's contrast.
+
+    A good mouth is nearly the same at every angle, so each radius column's mean over angles is the lip's
+    profile: how bright the glass, the edges, the opening and the background are, which is what a light,
+    a glass colour or a renderer changes. What is left is what differs between angles: a chip, a speck, a
+    highlight, a lighting gradient. Dividing by the image's own spread (per channel) puts a dim dome-lit
+    lip and a bright ring-lit one on one scale.
+    """
+    residual = x - x.mean(dim=2, keepdim=True)
+    return residual / (x.std(dim=(2, 3), keepdim=True) + 1e-3)
+
+
+class ResidualView(nn.Module):
+    """A classifier that sees the angular residual of the RGB channels, the evidence channel as it is."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(torch.cat([angular_residual(x[:, :3]), x[:, 3:]], dim=1))
+        return out
+
+
+def classifier_arch(backbone: str, view: str) -> str:
+    return backbone if view == "raw" else f"{backbone}+{view}"
+
+
+def autoencoder_arch(base: str, view: str) -> str:
+    return base if view == "raw" else f"{base}+{view}"
 
 
 def evidence(anomaly_map: torch.Tensor, pool: int) -> torch.Tensor:
@@ -102,8 +140,11 @@ class ConvAutoencoder(nn.Module):
 
     WRAP = 16  # rows; a multiple of the encoder's total stride (8)
 
-    def __init__(self, pool: int = 2, latent: int = 32) -> None:
+    def __init__(self, pool: int = 2, latent: int = 32, view: str = "raw") -> None:
         super().__init__()
+        if view not in INPUT_VIEWS:
+            raise DatasetError(f"unknown input view {view!r}; choose one of {', '.join(INPUT_VIEWS)}")
+        self.view = view
         self.pool = nn.AvgPool2d(pool) if pool > 1 else nn.Identity()
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 32, 4, 2, 1), _act(),
@@ -120,6 +161,8 @@ class ConvAutoencoder(nn.Module):
 
     def standardise(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(x)
+        if self.view == "residual":
+            return angular_residual(x)
         mean = x.mean(dim=(2, 3), keepdim=True)
         std = x.std(dim=(2, 3), keepdim=True) + 1e-3
         return (x - mean) / std
@@ -234,9 +277,9 @@ class SegmentationHead(nn.Module):
 class DraemModel(nn.Module):
     """The reconstruction autoencoder and its segmentation head, trained together on simulated anomalies."""
 
-    def __init__(self, head_width: int = 16) -> None:
+    def __init__(self, head_width: int = 16, view: str = "raw") -> None:
         super().__init__()
-        self.autoencoder = ConvAutoencoder()
+        self.autoencoder = ConvAutoencoder(view=view)
         self.head = SegmentationHead(head_width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -69,8 +70,11 @@ class TrainOptions:
     #: torch device the networks train on ("cpu", "cuda", "cuda:1"); resolve "auto" with pick_device
     device: str = "cpu"
     #: how the mouth is lit: "front", "back", or "auto": the one every image is located under (or auto
-    #: in the bundle, decided per frame, when they differ)
-    lighting: Lighting = "auto"
+    #: in the bundle, decided per frame, when they differ); "per-frame": auto in the bundle whatever the
+    #: training images show (a model meant for lines lit either way)
+    lighting: Lighting | Literal["per-frame"] = "auto"
+    #: what both networks see of the polar view (station.training.nets.INPUT_VIEWS)
+    input_view: str = "residual"
 
 
 def pick_device(wanted: str) -> str:

@@ -73,7 +73,8 @@ def prepare(opts: TrainOptions) -> Prepared:
     pool = discover(root, classes)
     split = stratified_split(pool, classes, opts.seed, keep_calibration=opts.cross_fit_folds < 2)
     view = ViewManifest(angle_bins=ANGLE_BINS, radius_bins=RADIUS_BINS, radius_margin=RADIUS_MARGIN,
-                        interpolation="area-block", lighting=opts.lighting)
+                        interpolation="area-block",
+                        lighting="auto" if opts.lighting == "per-frame" else opts.lighting)
     inputs = {
         "classifier": InputManifest(mean=IMAGENET_MEAN, std=IMAGENET_STD),
         "autoencoder": InputManifest(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),

@@ -42,7 +42,13 @@ from station.training.classifier import served_probabilities, train_classifier
 from station.training.data import Split, fingerprint
 from station.training.decision import classifier_support, fit_temperature
 from station.training.export import INPUT_NAME, check_parity, export_onnx
-from station.training.nets import AUTOENCODER_ARCH, DRAEM_ARCH, ClassifierExport
+from station.training.nets import (
+    AUTOENCODER_ARCH,
+    DRAEM_ARCH,
+    ClassifierExport,
+    autoencoder_arch,
+    classifier_arch,
+)
 from station.training.options import (
     AE_POOL,
     CANONICAL_SIZE,
@@ -117,10 +123,11 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         view=view,
         inputs=inputs,
         models={
-            "classifier": ModelFile(file="classifier.onnx", arch=opts.backbone, inputs=cls_inputs,
-                                    output="probabilities", rotations=CLASSIFIER_ROTATIONS),
+            "classifier": ModelFile(file="classifier.onnx", arch=classifier_arch(opts.backbone, opts.input_view),
+                                    inputs=cls_inputs, output="probabilities", rotations=CLASSIFIER_ROTATIONS),
             "autoencoder": ModelFile(file="autoencoder.onnx",
-                                     arch=DRAEM_ARCH if opts.anomaly_model == "draem" else AUTOENCODER_ARCH,
+                                     arch=autoencoder_arch(DRAEM_ARCH if opts.anomaly_model == "draem"
+                                                           else AUTOENCODER_ARCH, opts.input_view),
                                      inputs=(INPUT_NAME,), output="anomaly_map"),
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
