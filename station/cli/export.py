@@ -28,7 +28,7 @@ def register_export(sub: Subparsers) -> None:
 
 
 def handle_export(args: argparse.Namespace) -> int:
-    from station.tools.convert import export, format_parity, parity, per_file_configs
+    from station.tools.convert import export, format_parity, parity, per_file_configs, record_parity
 
     def say(msg: str) -> None:
         print(f"export: {msg}", file=sys.stderr)
@@ -42,6 +42,7 @@ def handle_export(args: argparse.Namespace) -> int:
     figures = parity(bundle, args.check, per_file_configs(bundle), progress=say)
     for line in format_parity(figures):
         print(line)
+    record_parity(args.model, figures)  # `precision: auto` reads it (station/core/backends/precision.py)
     return EXIT_OK if all(c["ok"] for c in figures["configs"].values()) else EXIT_RUNTIME
 
 

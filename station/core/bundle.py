@@ -73,6 +73,10 @@ class ConvertedModel(_Strict):
     source_sha256: str
     #: how it was made: tool and versions, settings, calibration images and their fingerprint, when
     made: dict[str, Any] = Field(default_factory=dict)
+    #: its last `station export --check` against FP32: the labelled folder, images, pass/fail agreement,
+    #: accuracy and AUROC drops, ``ok`` (within the bounds), when; ``precision: auto`` serves an INT8
+    #: autoencoder on the CPU only where ``ok`` (station/core/backends/precision.py)
+    parity: dict[str, Any] | None = None
 
 
 class ModelFile(_Strict):
@@ -232,6 +236,11 @@ class Bundle:
         except BundleError:
             return False
         return True
+
+    def parity_ok(self, role: str, precision: str) -> bool:
+        """Whether that converted file's recorded parity check (`station export --check`) met the bounds."""
+        converted = self.manifest.models[role].converted.get(precision)
+        return bool(converted is not None and converted.parity is not None and converted.parity.get("ok"))
 
     @property
     def label(self) -> str:

@@ -340,6 +340,26 @@ def parity(bundle: Bundle, folder: Path, configs: dict[str, dict[str, str]],
     return out
 
 
+def record_parity(root: Path, figures: dict[str, Any]) -> Bundle:
+    """Write each per-file configuration's figures into its converted file's manifest entry."""
+    bundle = load_bundle(root)
+    m = bundle.manifest
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    models = dict(m.models)
+    for name, c in figures["configs"].items():
+        role, _, precision = name.partition("-")
+        converted = models[role].converted.get(precision)
+        if converted is None or set(c["precision"].values()) - {"fp32", precision}:
+            continue  # not a one-file configuration
+        record = {"folder": figures["folder"], "images": figures["images"], "checked_at": when,
+                  **{k: c[k] for k in ("agreement", "accuracy", "image_auroc", "accuracy_drop", "auroc_drop",
+                                       "max_relative_score_change", "ok")}}
+        models[role] = models[role].model_copy(update={"converted": {
+            **models[role].converted, precision: converted.model_copy(update={"parity": record})}})
+    write_manifest(bundle.root, m.model_copy(update={"models": models}))
+    return load_bundle(root)
+
+
 def per_file_configs(bundle: Bundle) -> dict[str, dict[str, str]]:
     """One configuration per converted file: that model at its precision, the other at FP32."""
     return {f"{role}-{precision}": {**dict.fromkeys(ROLES, "fp32"), role: precision}
