@@ -73,11 +73,12 @@ def test_bundle_without_calibration_scores_is_refused(bundle: Path, eval_root: P
 
 
 def test_classifier_rotations_average_the_turned_bottle(bundle: Path, eval_root: Path) -> None:
-    """rotations: 2 in the manifest: the probabilities are the mean over the bottle and the bottle turned 180°."""
+    """rotations: 2 in the manifest: the probabilities are the mean over the bottle and the bottle turned 180°
+    (then tempered, as every probability the station reports)."""
     import numpy as np
 
     from station.core.bundle import load_bundle
-    from station.core.inspector import Inspector
+    from station.core.inspector import Inspector, temper
     from station.core.preprocess import preprocess
     from station.sources.folder import load_frame
 
@@ -91,5 +92,6 @@ def test_classifier_rotations_average_the_turned_bottle(bundle: Path, eval_root:
     amap = inspector.autoencoder.run(x.autoencoder)
     turned = [inspector.classifier.run(np.roll(x.classifier, k * 256, axis=2), np.roll(amap, k * 128, axis=2))[0]
               for k in (0, 1)]
-    assert np.allclose(probs, np.mean(turned, axis=0), atol=1e-6)
+    # Averaged, then tempered by the bundle's temperature (1 leaves them as they are).
+    assert np.allclose(probs, temper(np.mean(turned, axis=0, keepdims=True), inspector.temperature)[0], atol=1e-6)
     assert not np.allclose(turned[0], turned[1]), "the two turns are different inputs"
