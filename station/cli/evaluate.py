@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from station.cli._args import positive_float
-from station.errors import EXIT_OK, ConfigError, MissingDependencyError
+from station.errors import EXIT_OK, MissingDependencyError
 
 if TYPE_CHECKING:
     from station.cli._args import Subparsers
@@ -73,17 +73,10 @@ def register_calibrate(sub: Subparsers) -> None:
 
 def handle_calibrate(args: argparse.Namespace) -> int:
     from station.core.bundle import load_bundle
-    from station.core.folders import list_images
-    from station.sources.folder import load_frame
-    from station.tools.calibrate import recalibrate
+    from station.tools.calibrate import good_frames, recalibrate
 
     bundle = load_bundle(args.model)
-    if not args.good.is_dir():
-        raise ConfigError(f"--good {args.good} does not exist or is not a folder")
-    paths = list_images(args.good)
-    if not paths:
-        raise ConfigError(f"--good {args.good} holds no images")
-    frames = [load_frame(p, n, args.good, "calibrate", None) for n, p in enumerate(paths)]
+    frames = good_frames(args.good)
     old = bundle.manifest.anomaly.threshold
     threshold, method = recalibrate(bundle, frames, args.target_false_reject)
     print(f"{args.model}: anomaly threshold {old:.5g} → {threshold:.5g} ({method})")

@@ -42,7 +42,7 @@ def handle_export(args: argparse.Namespace) -> int:
     figures = parity(bundle, args.check, per_file_configs(bundle), progress=say)
     for line in format_parity(figures):
         print(line)
-    record_parity(args.model, figures)  # `precision: auto` reads it (station/core/backends/precision.py)
+    record_parity(bundle, figures)  # `precision: auto` reads it (station/core/backends/precision.py)
     return EXIT_OK if all(c["ok"] for c in figures["configs"].values()) else EXIT_RUNTIME
 
 

@@ -18,11 +18,23 @@ import numpy as np
 
 from station.core.bundle import Bundle, checksums, write_manifest
 from station.core.drift import ANOMALY_SCORE, MIN_REFERENCE, SCALE_FLOOR, SIDES, reference
+from station.core.folders import list_images
 from station.core.frame import Frame
 from station.core.pipeline import Pipeline
-from station.errors import DatasetError
+from station.errors import ConfigError, DatasetError
+from station.sources.folder import load_frame
 
 SCORES_FILE = "calibration/anomaly_scores.json"
+
+
+def good_frames(folder: Path, what: str = "--good") -> list[Frame]:
+    """The images under ``folder`` (recursive) as frames to calibrate on; a ConfigError when there are none."""
+    if not folder.is_dir():
+        raise ConfigError(f"{what} {folder} does not exist or is not a folder")
+    paths = list_images(folder)
+    if not paths:
+        raise ConfigError(f"{what} {folder} holds no images")
+    return [load_frame(p, n, folder, "calibrate", None) for n, p in enumerate(paths)]
 
 
 def anomaly_scores(pipeline: Pipeline, frames: list[Frame]) -> list[float]:

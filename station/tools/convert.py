@@ -340,9 +340,8 @@ def parity(bundle: Bundle, folder: Path, configs: dict[str, dict[str, str]],
     return out
 
 
-def record_parity(root: Path, figures: dict[str, Any]) -> Bundle:
+def record_parity(bundle: Bundle, figures: dict[str, Any]) -> Bundle:
     """Write each per-file configuration's figures into its converted file's manifest entry."""
-    bundle = load_bundle(root)
     m = bundle.manifest
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     models = dict(m.models)
@@ -357,7 +356,7 @@ def record_parity(root: Path, figures: dict[str, Any]) -> Bundle:
         models[role] = models[role].model_copy(update={"converted": {
             **models[role].converted, precision: converted.model_copy(update={"parity": record})}})
     write_manifest(bundle.root, m.model_copy(update={"models": models}))
-    return load_bundle(root)
+    return load_bundle(bundle.root)
 
 
 def per_file_configs(bundle: Bundle) -> dict[str, dict[str, str]]:

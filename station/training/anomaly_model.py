@@ -45,8 +45,7 @@ def train_autoencoder(x: torch.Tensor, opts: TrainOptions, steps: int | None = N
     report_every = max(1, steps // 10)
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
-        residual = opts.input_view == "residual"
-        z = model.standardise(augment_batch(x[idx], gen, photometric=False, drift=residual).to(device))
+        z = model.standardise(augment_batch(x[idx], gen, photometric=False, drift=opts.residual_view).to(device))
         loss = (model(z) - z).abs().mean()
         opt.zero_grad()
         loss.backward()
@@ -103,7 +102,7 @@ def train_anomaly_model(x: torch.Tensor, opts: TrainOptions, steps: int | None =
         # Half the bottle's turn per image: a turned bottle is a circular shift of rows, so after the
         # random turn the first half is a random half; it halves the cost of a step.
         clean = augment_batch(x[idx], gen, photometric=False,
-                              drift=opts.input_view == "residual")[:, :, : x.shape[2] // 2]
+                              drift=opts.residual_view)[:, :, : x.shape[2] // 2]
         anomalous, mask = simulate(clean, gen, rim_col)
         target_z = model.autoencoder.standardise(clean.to(device))
         _, restored, logits = model(anomalous.to(device))

@@ -96,7 +96,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, opts: Tra
                 continue
             target = y[idx].to(device)
             logits = model(augment_batch(x[idx], gen, photometric=True,
-                                         invert=opts.input_view == "residual").to(device))
+                                         invert=opts.residual_view).to(device))
             train_logits = logits + logit_bias if logit_bias is not None else logits
             loss = loss_fn(train_logits, target)
             opt.zero_grad()

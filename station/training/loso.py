@@ -70,8 +70,7 @@ def table(rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> str:
 
 def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]]:
     from station.core.bundle import load_bundle
-    from station.core.pipeline import Pipeline
-    from station.tools.evaluate import folder_items, metrics, run_evaluation
+    from station.tools.evaluate import folder_items
     from station.tools.synth import write_dataset
     from station.training.options import TrainOptions
     from station.training.train import train_bundle
@@ -92,10 +91,8 @@ def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]
         train_bundle(TrainOptions(data=train_root / "bottle", out=model, epochs=plan.epochs, ae_steps=plan.ae_steps,
                                   seed=plan.train_seed, threads=plan.threads, name=tag,
                                   input_view=plan.input_view, lighting=plan.lighting))
-        bundle = load_bundle(model)
-        pipeline = Pipeline(bundle)
-        items = folder_items(judge_root / "bottle" / "test", bundle.manifest.classes)
-        figures = metrics(run_evaluation(pipeline, items, keep_overlays=False), pipeline)
+        items = folder_items(judge_root / "bottle" / "test", load_bundle(model).manifest.classes)
+        figures = _judge(model, items)
         if plan.calibrate_good:
             figures["calibrated_on_line"] = _judge_calibrated(plan, style, model, items)
         rows.append((style, others, figures))
@@ -103,29 +100,33 @@ def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]
     return rows
 
 
+def _judge(model: Path, items: list[Any]) -> dict[str, Any]:
+    """``station evaluate``'s figures for the bundle at ``model`` on ``items``, through the serving pipeline."""
+    from station.core.bundle import load_bundle
+    from station.core.pipeline import Pipeline
+    from station.tools.evaluate import metrics, run_evaluation
+
+    pipeline = Pipeline(load_bundle(model))
+    return metrics(run_evaluation(pipeline, items, keep_overlays=False), pipeline)
+
+
 def _judge_calibrated(plan: LosoPlan, style: str, model: Path, items: list[Any]) -> dict[str, Any]:
     """The bundle recalibrated on good bottles of the left-out style (no labels, no training), judged again."""
     import shutil
 
     from station.core.bundle import load_bundle
-    from station.core.folders import list_images
-    from station.core.pipeline import Pipeline
-    from station.sources.folder import load_frame
-    from station.tools.calibrate import recalibrate
-    from station.tools.evaluate import metrics, run_evaluation
+    from station.tools.calibrate import good_frames, recalibrate
     from station.tools.synth import write_dataset
 
     line_root = plan.out / "data" / f"line-good-{style}"
     write_dataset(line_root, seed=plan.judge_seed + 1000, train_good=plan.calibrate_good, test_per_class=0,
                   styles=(style,))
-    good = line_root / "bottle" / "train" / "good"
+    frames = good_frames(line_root / "bottle" / "train" / "good", "line good bottles")
     calibrated = model.with_name(model.name + "-calibrated")
     shutil.rmtree(calibrated, ignore_errors=True)
     shutil.copytree(model, calibrated)
-    frames = [load_frame(p, n, good, "calibrate", None) for n, p in enumerate(list_images(good))]
     recalibrate(load_bundle(calibrated), frames, 0.01)
-    pipeline = Pipeline(load_bundle(calibrated))
-    return {"good": len(frames), "figures": metrics(run_evaluation(pipeline, items, keep_overlays=False), pipeline)}
+    return {"good": len(frames), "figures": _judge(calibrated, items)}
 
 
 def _write(plan: LosoPlan, rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> None:

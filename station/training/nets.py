@@ -54,8 +54,7 @@ def make_classifier(arch: str, num_classes: int, in_channels: int = CLASSIFIER_C
     """
     if arch not in BACKBONES:
         raise DatasetError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
-    if view not in INPUT_VIEWS:
-        raise DatasetError(f"unknown input view {view!r}; choose one of {', '.join(INPUT_VIEWS)}")
+    check_view(view)
     net: nn.Module = getattr(models, arch)(weights=None)
     if pretrained is not None:
         if not pretrained.is_file():
@@ -108,12 +107,14 @@ class ResidualView(nn.Module):
         return out
 
 
-def classifier_arch(backbone: str, view: str) -> str:
-    return backbone if view == "raw" else f"{backbone}+{view}"
-
-
-def autoencoder_arch(base: str, view: str) -> str:
+def arch_name(base: str, view: str) -> str:
+    """The manifest's ``arch`` of a network: its base name, with ``+residual`` when it sees that view."""
     return base if view == "raw" else f"{base}+{view}"
+
+
+def check_view(view: str) -> None:
+    if view not in INPUT_VIEWS:
+        raise DatasetError(f"unknown input view {view!r}; choose one of {', '.join(INPUT_VIEWS)}")
 
 
 def evidence(anomaly_map: torch.Tensor, pool: int) -> torch.Tensor:
@@ -142,8 +143,7 @@ class ConvAutoencoder(nn.Module):
 
     def __init__(self, pool: int = 2, latent: int = 32, view: str = "raw") -> None:
         super().__init__()
-        if view not in INPUT_VIEWS:
-            raise DatasetError(f"unknown input view {view!r}; choose one of {', '.join(INPUT_VIEWS)}")
+        check_view(view)
         self.view = view
         self.pool = nn.AvgPool2d(pool) if pool > 1 else nn.Identity()
         self.encoder = nn.Sequential(

@@ -76,6 +76,11 @@ class TrainOptions:
     #: what both networks see of the polar view (station.training.nets.INPUT_VIEWS)
     input_view: str = "residual"
 
+    @property
+    def residual_view(self) -> bool:
+        """The residual view and the augmentations that come with it (docs/models.md)."""
+        return self.input_view == "residual"
+
 
 def pick_device(wanted: str) -> str:
     """``auto``: CUDA where torch sees a GPU, else the CPU; ``cuda`` without one is an error naming why."""

@@ -46,8 +46,7 @@ from station.training.nets import (
     AUTOENCODER_ARCH,
     DRAEM_ARCH,
     ClassifierExport,
-    autoencoder_arch,
-    classifier_arch,
+    arch_name,
 )
 from station.training.options import (
     AE_POOL,
@@ -123,10 +122,10 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         view=view,
         inputs=inputs,
         models={
-            "classifier": ModelFile(file="classifier.onnx", arch=classifier_arch(opts.backbone, opts.input_view),
+            "classifier": ModelFile(file="classifier.onnx", arch=arch_name(opts.backbone, opts.input_view),
                                     inputs=cls_inputs, output="probabilities", rotations=CLASSIFIER_ROTATIONS),
             "autoencoder": ModelFile(file="autoencoder.onnx",
-                                     arch=autoencoder_arch(DRAEM_ARCH if opts.anomaly_model == "draem"
+                                     arch=arch_name(DRAEM_ARCH if opts.anomaly_model == "draem"
                                                            else AUTOENCODER_ARCH, opts.input_view),
                                      inputs=(INPUT_NAME,), output="anomaly_map"),
         },
