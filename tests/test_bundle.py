@@ -73,8 +73,8 @@ def test_bundle_without_calibration_scores_is_refused(bundle: Path, eval_root: P
 
 
 def test_classifier_rotations_average_the_turned_bottle(bundle: Path, eval_root: Path) -> None:
-    """rotations: 2 in the manifest: the probabilities are the mean over the bottle and the bottle turned 180°
-    (then tempered, as every probability the station reports)."""
+    """rotations: 2 in the manifest: the CNN's probabilities are the mean over the bottle and the bottle turned
+    180° (then tempered, as every CNN probability the station reports)."""
     import numpy as np
 
     from station.core.bundle import load_bundle
@@ -88,8 +88,8 @@ def test_classifier_rotations_average_the_turned_bottle(bundle: Path, eval_root:
     image = load_frame(next((eval_root / "broken_small").iterdir()), 0, eval_root, "test", None).image
     assert image is not None
     x = preprocess(image, inspector.preprocess_spec)
-    probs = inspector.inspect(x).probabilities
     amap = inspector.autoencoder.run(x.autoencoder)
+    probs = inspector.cnn_probabilities(x, amap)
     turned = [inspector.classifier.run(np.roll(x.classifier, k * 256, axis=2), np.roll(amap, k * 128, axis=2))[0]
               for k in (0, 1)]
     # Averaged, then tempered by the bundle's temperature (1 leaves them as they are).

@@ -37,6 +37,10 @@ def register_train(sub: Subparsers) -> None:
                    help="what both networks see of the polar view: residual (the default: what differs between "
                         "angles of the mouth, docs/models.md) or raw (each image standardised as a whole, and the "
                         "augmentations of bundles before 2026-12-07)")
+    t.add_argument("--classes-from", default="map", choices=["map", "cnn", "fused"],
+                   help="where the bottle's class comes from: map (the default: a logistic regression on the "
+                        "anomaly map's size, extent and place, docs/models.md), cnn (the CNN classifier, as "
+                        "bundles before 2026-12-07) or fused (the geometric mean of both)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=positive_int, default=16)
     t.add_argument("--target-false-reject", type=positive_float, default=0.01,
@@ -72,7 +76,7 @@ def handle_train(args: argparse.Namespace) -> int:
         name=args.name or args.out.name, threads=args.threads, backbone=args.backbone,
         pretrained=args.pretrained, lr=args.lr, optimizer=args.optimizer, balance=args.balance,
         anomaly_model=args.anomaly_model, cross_fit_folds=args.cross_fit_folds, device=pick_device(args.device),
-        lighting=args.lighting, input_view=args.input_view,
+        lighting=args.lighting, input_view=args.input_view, classes_from=args.classes_from,
     )
     if args.sweep:
         from station.training.sweep import run_sweep
@@ -100,6 +104,7 @@ def register_loso(sub: Subparsers) -> None:
     p.add_argument("--ae-steps", type=positive_int, default=1000)
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--input-view", default="residual", choices=["raw", "residual"], help="as station train's")
+    p.add_argument("--classes-from", default="map", choices=["map", "cnn", "fused"], help="as station train's")
     p.add_argument("--calibrate-good", type=non_negative_int, default=30,
                    help="then judge again after `station calibrate` on this many good bottles of the left-out "
                         "style, as a line installing a bundle would (0: not done)")
@@ -130,7 +135,8 @@ def handle_loso(args: argparse.Namespace) -> int:
                     train_good=args.train_good, train_per_class=args.train_per_class,
                     judge_per_class=args.judge_per_class, novel=args.novel, epochs=args.epochs,
                     ae_steps=args.ae_steps, threads=args.threads, left_out=left_out,
-                    input_view=args.input_view, lighting=args.lighting, calibrate_good=args.calibrate_good)
+                    input_view=args.input_view, lighting=args.lighting, calibrate_good=args.calibrate_good,
+                    classes_from=args.classes_from)
     rows = run_loso(plan)
     print(table(rows), end="")
     print(f"wrote {args.out / LOSO_FILE}")

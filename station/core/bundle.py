@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from station.core.atomic import write_text_atomic
 from station.core.folders import GOOD
+from station.core.map_classifier import FEATURE_SET
 from station.core.preprocess import Lighting, Normalisation, PreprocessSpec, Sampling
 from station.core.validation import load_yaml_model
 from station.errors import BundleError
@@ -109,7 +110,38 @@ class AnomalyManifest(_Strict):
     calibration_scores: str | None = None
 
 
+#: where a bottle's class probabilities come from: the CNN classifier (classifier.onnx; bundles before
+#: 2026-12-07), the map classifier (station/core/map_classifier.py) or both (geometric mean)
+CLASS_SOURCES = ("cnn", "map", "fused")
+ClassSource = Literal["cnn", "map", "fused"]
+
+
+class MapClassifierManifest(_Strict):
+    """A multinomial logistic regression on the anomaly map's features, fitted at training."""
+
+    feature_set: str
+    #: the anomaly threshold at fitting: the features' unit (station/core/map_classifier.py)
+    threshold: float = Field(gt=0)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    #: (n_features, n_classes), rows in the feature set's order, columns in the manifest's class order
+    weights: tuple[tuple[float, ...], ...]
+    bias: tuple[float, ...]
+    #: what it was fitted on and how (images, L2 strength, training accuracy), for the engineer
+    fit: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
 class DecisionManifest(_Strict):
+    #: the classes' probabilities come from: see CLASS_SOURCES
+    classes_from: ClassSource = "cnn"
+    map_classifier: MapClassifierManifest | None = None
     class_confidence: float = Field(default=0.5, gt=0, le=1)
     #: the classifier's probabilities are softened (T > 1) by this temperature, fitted on held-out
     #: images at training (1: as the network gives them; older bundles)
@@ -180,6 +212,24 @@ class Manifest(_Strict):
         if GOOD not in v:
             raise ValueError(f"the classes must include {GOOD!r}, the class that passes")
         return v
+
+    @model_validator(mode="after")
+    def _map_classifier_fits(self) -> Manifest:
+        d = self.decision
+        if d.classes_from == "cnn":
+            return self
+        mc = d.map_classifier
+        if mc is None:
+            raise ValueError(f"decision.classes_from is {d.classes_from!r} but decision.map_classifier is missing")
+        if mc.feature_set != FEATURE_SET:
+            raise ValueError(f"decision.map_classifier.feature_set {mc.feature_set!r}: this station computes "
+                             f"{FEATURE_SET!r}; retrain the bundle")
+        n = len(mc.mean)
+        if len(mc.std) != n or len(mc.weights) != n or any(len(row) != len(self.classes) for row in mc.weights) \
+                or len(mc.bias) != len(self.classes):
+            raise ValueError(f"decision.map_classifier: weights must be {n} features × {len(self.classes)} "
+                             "classes, with a mean and std per feature and a bias per class")
+        return self
 
     def preprocess_spec(self) -> PreprocessSpec:
         return preprocess_spec(self.canonical_size, self.view, self.inputs)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from station.core import map_classifier
 from station.core.anomaly import AnomalyParams, image_score, smooth
 from station.core.backends import BackendSpec, ModelRunner, load_models
 from station.core.bundle import Bundle
@@ -59,6 +60,10 @@ class Inspector:
         self._classifier_takes_map = len(m.models["classifier"].inputs) == 2
         self.rotations = m.models["classifier"].rotations
         self.temperature = m.decision.temperature
+        self.classes_from = m.decision.classes_from
+        mc = m.decision.map_classifier
+        self._map = None if mc is None or self.classes_from == "cnn" else (
+            mc.threshold, (np.asarray(mc.mean), np.asarray(mc.std), np.asarray(mc.weights), np.asarray(mc.bias)))
 
     def warm_up(self, runs: int = 2) -> None:
         """Run both models on blank inputs so the first bottle does not pay for lazy init."""
@@ -77,29 +82,58 @@ class Inspector:
         return [np.concatenate([np.roll(b, k * b.shape[2] // self.rotations, axis=2)
                                 for k in range(self.rotations)]) for b in batches]
 
-    def inspect(self, inputs: ModelInputs) -> Scores:
-        t0 = time.perf_counter()
-        error_map = self.autoencoder.run(inputs.autoencoder)
-        t1 = time.perf_counter()
+    def cnn_probabilities(self, inputs: ModelInputs, error_map: np.ndarray) -> np.ndarray:
+        """(n_classes,) the CNN classifier's probabilities, averaged over the turns, temperature applied."""
         probs = self.classifier.run(*self.classifier_batches(inputs, error_map)).mean(axis=0, keepdims=True)
-        t2 = time.perf_counter()
         if probs.shape != (1, len(self.classes)):
             raise BackendError(
                 f"classifier output shape {probs.shape} does not match {len(self.classes)} classes"
             )
         if self.temperature != 1.0:
             probs = temper(probs, self.temperature)
+        out: np.ndarray = probs[0].astype(np.float64)
+        return out
+
+    def map_probabilities(self, smoothed: np.ndarray, score: float) -> np.ndarray:
+        """(n_classes,) the map classifier's probabilities (station/core/map_classifier.py)."""
+        assert self._map is not None
+        unit, fitted = self._map
+        features = map_classifier.map_features(smoothed, score, unit)
+        out: np.ndarray = map_classifier.map_probabilities(features, *fitted)
+        return out
+
+    def anomaly(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray, float]:
+        """The autoencoder's map as it comes out, the map smoothed and masked, and the image score."""
+        error_map = self.autoencoder.run(inputs.autoencoder)
+        return (error_map, *self._score(error_map))
+
+    def _score(self, error_map: np.ndarray) -> tuple[np.ndarray, float]:
         smoothed = smooth(error_map.reshape(error_map.shape[-2:]), self.params)
-        score = image_score(smoothed, self.params)
+        return smoothed, image_score(smoothed, self.params)
+
+    def inspect(self, inputs: ModelInputs) -> Scores:
+        t0 = time.perf_counter()
+        error_map = self.autoencoder.run(inputs.autoencoder)
+        t1 = time.perf_counter()
+        smoothed, score = self._score(error_map)
+        t2 = time.perf_counter()
+        if self.classes_from == "cnn":
+            probs = self.cnn_probabilities(inputs, error_map)
+        elif self.classes_from == "map":
+            probs = self.map_probabilities(smoothed, score)
+        else:  # fused: the geometric mean, so either model's confident "no" counts
+            both = np.log(np.clip(self.cnn_probabilities(inputs, error_map), 1e-12, None)) \
+                + np.log(np.clip(self.map_probabilities(smoothed, score), 1e-12, None))
+            probs = map_classifier.softmax_rows(both / 2)
         t3 = time.perf_counter()
         return Scores(
-            probabilities=probs[0].astype(np.float64),
+            probabilities=probs,
             anomaly_score=score,
             anomaly_map=smoothed,
             mouth=inputs.mouth,
             latency_ms={
                 "autoencoder": (t1 - t0) * 1e3,
-                "classifier": (t2 - t1) * 1e3,
-                "anomaly_map": (t3 - t2) * 1e3,
+                "anomaly_map": (t2 - t1) * 1e3,
+                "classifier": (t3 - t2) * 1e3,
             },
         )

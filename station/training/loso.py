@@ -40,6 +40,7 @@ class LosoPlan:
     #: installing a bundle runs `station calibrate` on its own good bottles; 0: not done
     calibrate_good: int = 30
     lighting: Literal["front", "back", "auto", "per-frame"] = "per-frame"
+    classes_from: str = "map"
 
 
 def _row(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
@@ -90,7 +91,8 @@ def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]
         model = plan.out / "models" / tag
         train_bundle(TrainOptions(data=train_root / "bottle", out=model, epochs=plan.epochs, ae_steps=plan.ae_steps,
                                   seed=plan.train_seed, threads=plan.threads, name=tag,
-                                  input_view=plan.input_view, lighting=plan.lighting))
+                                  input_view=plan.input_view, lighting=plan.lighting,
+                                  classes_from=plan.classes_from))
         items = folder_items(judge_root / "bottle" / "test", load_bundle(model).manifest.classes)
         figures = _judge(model, items)
         if plan.calibrate_good:

@@ -75,6 +75,10 @@ class TrainOptions:
     lighting: Lighting | Literal["per-frame"] = "auto"
     #: what both networks see of the polar view (station.training.nets.INPUT_VIEWS)
     input_view: str = "residual"
+    #: where the served class probabilities come from (station.core.bundle.CLASS_SOURCES): "map", the
+    #: map classifier (the default: it named 92.5 % of a dome-lit line's bottles right where the CNN
+    #: named 75 %, docs/models.md), "cnn" or "fused"; the CNN is trained and kept in the bundle either way
+    classes_from: str = "map"
 
     @property
     def residual_view(self) -> bool:

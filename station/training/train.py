@@ -23,6 +23,7 @@ import torch
 
 from station.core.atomic import swap_in_dir
 from station.core.bundle import (
+    CLASS_SOURCES,
     AnomalyManifest,
     DecisionManifest,
     Manifest,
@@ -34,6 +35,7 @@ from station.core.bundle import (
 from station.core.folders import BOTTLE_CLASSES, GOOD, LabelledImage
 from station.core.frame import Frame
 from station.core.pipeline import Pipeline
+from station.errors import DatasetError
 from station.service.replay import ReplayCollector
 from station.sources.folder import load_frame
 from station.tools.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
@@ -42,6 +44,7 @@ from station.training.classifier import served_probabilities, train_classifier
 from station.training.data import Split, fingerprint
 from station.training.decision import classifier_support, fit_temperature
 from station.training.export import INPUT_NAME, check_parity, export_onnx
+from station.training.map_fit import fit_map_classifier
 from station.training.nets import (
     AUTOENCODER_ARCH,
     DRAEM_ARCH,
@@ -81,6 +84,8 @@ def _split_record(split: Split, root: Path) -> dict[str, Any]:
 
 def train_bundle(opts: TrainOptions) -> Manifest:
     started = time.monotonic()
+    if opts.classes_from not in CLASS_SOURCES:
+        raise DatasetError(f"unknown class source {opts.classes_from!r}; choose {', '.join(CLASS_SOURCES)}")
     classes = BOTTLE_CLASSES
     p = prepare(opts)
     root, pool, split, view, inputs = p.root, p.pool, p.split, p.view, p.inputs
@@ -155,6 +160,15 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     support = classifier_support(cal_scores, counts)
     if support.warning:
         say(f"warning: {support.warning}")
+    # The map classifier's features are relative to the threshold, so it is fitted once that is chosen,
+    # and the bundle the held-out split is judged on below serves it.
+    decision_update: dict[str, Any] = {"classes_from": opts.classes_from}
+    if opts.classes_from != "cnn":
+        decision_update["map_classifier"] = fit_map_classifier(tmp, split.train, threshold, classes)
+    manifest = manifest.model_copy(update={
+        "anomaly": manifest.anomaly.model_copy(update={"threshold": threshold, "threshold_method": method}),
+        "decision": manifest.decision.model_copy(update=decision_update)})
+    write_manifest(tmp, Manifest.model_validate(manifest.model_dump()))
 
     # Evaluate the held-out split through the serving pipeline at the chosen threshold.
     pipeline = Pipeline(load_bundle(tmp), anomaly_threshold=threshold, classifier_min_anomaly=support.value)

@@ -1,0 +1,144 @@
+"""The map classifier: the class from the anomaly map's region (size, extent, place), fitted at training, served
+without torch, and the bundle's switch between it and the CNN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from station.core.map_classifier import map_features, map_probabilities
+from tests.conftest import run_station
+
+
+def _map(rows: slice, cols: slice, level: float, shape: tuple[int, int] = (256, 64)) -> np.ndarray:
+    m = np.random.default_rng(0).uniform(0.0, 0.5, shape)
+    m[rows, cols] = level
+    return m
+
+
+def test_features_tell_a_large_break_at_the_rim_from_a_speck_in_the_opening() -> None:
+    names = ["score", "area", "angles", "radii", "centre", "inner", "outer", "pieces"]
+    brk = dict(zip(names, map_features(_map(slice(40, 100), slice(50, 60), 40.0), 40.0, 10.0), strict=False))
+    speck = dict(zip(names, map_features(_map(slice(40, 43), slice(10, 13), 40.0), 40.0, 10.0), strict=False))
+    assert brk["area"] > speck["area"] + 3  # log(1 + bins): 600 bins against 9
+    assert brk["angles"] > 10 * speck["angles"]
+    assert brk["centre"] > 0.75 and speck["centre"] < 0.25  # at the rim, in the opening
+    assert 0.75 < brk["inner"] <= brk["outer"] < 1.0 and speck["outer"] < 0.25
+
+
+def test_features_are_in_units_of_the_threshold() -> None:
+    """An autoencoder whose maps read twice as high, with a threshold twice as high, shows the same features."""
+    m = _map(slice(10, 30), slice(20, 40), 25.0)
+    assert np.allclose(map_features(m, 25.0, 8.0), map_features(2 * m, 50.0, 16.0))
+    assert not np.allclose(map_features(m, 25.0, 8.0), map_features(m, 25.0, 16.0))
+    with pytest.raises(ValueError, match="calibrated anomaly threshold"):
+        map_features(m, 25.0, float("inf"))
+
+
+def test_the_fit_learns_what_separates_the_classes() -> None:
+    pytest.importorskip("torch")  # the train extra: map_fit sits with the trainings
+    from station.training.map_fit import fit_logistic
+
+    rng = np.random.default_rng(3)
+    centres = np.array([[0, 0], [3, 0], [0, 3], [3, 3]], float)
+    y = np.repeat(np.arange(4), 16)
+    x = centres[y] + rng.normal(0, 0.5, (64, 2))
+    weights, bias = fit_logistic(x, y, 4)
+    again = fit_logistic(x, y, 4)
+    assert np.array_equal(weights, again[0]) and np.array_equal(bias, again[1])  # deterministic
+    test_y = np.repeat(np.arange(4), 25)
+    test_x = centres[test_y] + rng.normal(0, 0.5, (100, 2))
+    probs = map_probabilities(test_x, np.zeros(2), np.ones(2), weights, bias)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    assert (probs.argmax(axis=1) == test_y).mean() >= 0.95
+
+
+def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    """`station train` fits it by default; the station's probabilities are the fitted regression on the features
+    of the served map; switching the manifest to the CNN or to both changes what is served, as documented."""
+    from station.core.bundle import load_bundle
+    from station.core.inspector import Inspector
+    from station.core.preprocess import preprocess
+    from station.sources.folder import load_frame
+
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    mc = manifest["decision"]["map_classifier"]
+    assert manifest["decision"]["classes_from"] == "map"
+    assert mc["feature_set"] == "map-v1" and mc["fit"]["images"] > 0
+    assert np.asarray(mc["weights"]).shape == (len(mc["mean"]), len(manifest["classes"]))
+
+    inspector = Inspector(load_bundle(bundle))
+    image = load_frame(next((eval_root / "broken_large").iterdir()), 0, eval_root, "test", None).image
+    assert image is not None
+    x = preprocess(image, inspector.preprocess_spec)
+    served = inspector.inspect(x)
+    assert mc["threshold"] == manifest["anomaly"]["threshold"]  # fitted at the threshold training chose
+    features = map_features(served.anomaly_map, served.anomaly_score, mc["threshold"])
+    expected = map_probabilities(features, np.asarray(mc["mean"]), np.asarray(mc["std"]),
+                                 np.asarray(mc["weights"]), np.asarray(mc["bias"]))
+    assert np.allclose(served.probabilities, expected, atol=1e-9)
+
+    cnn = inspector.cnn_probabilities(x, inspector.autoencoder.run(x.autoencoder))
+    served_by = {}
+    for source in ("cnn", "fused"):
+        copy = tmp_path / source
+        copy.mkdir()
+        for f in bundle.iterdir():
+            if f.is_file():
+                (copy / f.name).write_bytes(f.read_bytes())
+        (copy / "calibration").mkdir()
+        for f in (bundle / "calibration").iterdir():
+            (copy / "calibration" / f.name).write_bytes(f.read_bytes())
+        manifest["decision"]["classes_from"] = source
+        (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+        served_by[source] = Inspector(load_bundle(copy)).inspect(x).probabilities
+    assert np.allclose(served_by["cnn"], cnn, atol=1e-6)
+    geometric = np.sqrt(cnn * expected)
+    assert np.allclose(served_by["fused"], geometric / geometric.sum(), atol=1e-6)
+
+
+def test_a_bundle_that_names_the_map_classifier_must_carry_one(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    copy.mkdir()
+    for f in bundle.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(bundle)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(bundle)).write_bytes(f.read_bytes())
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    manifest["decision"]["map_classifier"]["feature_set"] = "map-v0"
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))
+    assert proc.returncode == 2
+    assert "map-v0" in proc.stderr and "retrain" in proc.stderr
+    del manifest["decision"]["map_classifier"]
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))
+    assert proc.returncode == 2
+    assert "decision.map_classifier is missing" in proc.stderr
+
+
+def test_calibrate_moves_the_threshold_not_the_map_classifiers_unit(bundle: Path, eval_root: Path,
+                                                                    tmp_path: Path) -> None:
+    from station.core.bundle import load_bundle
+    from station.core.inspector import Inspector
+    from station.core.preprocess import preprocess
+    from station.sources.folder import load_frame
+
+    copy = tmp_path / "b"
+    for f in bundle.rglob("*"):
+        if f.is_file():
+            (copy / f.relative_to(bundle)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / f.relative_to(bundle)).write_bytes(f.read_bytes())
+    image = load_frame(next((eval_root / "contamination").iterdir()), 0, eval_root, "test", None).image
+    assert image is not None
+    before = Inspector(load_bundle(copy))
+    x = preprocess(image, before.preprocess_spec)
+    proc = run_station("calibrate", "--model", str(copy), "--good", str(eval_root / "good"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old, new = (yaml.safe_load((b / "manifest.yaml").read_text()) for b in (bundle, copy))
+    assert new["anomaly"]["threshold"] != old["anomaly"]["threshold"]
+    assert new["decision"]["map_classifier"] == old["decision"]["map_classifier"]
+    assert np.array_equal(Inspector(load_bundle(copy)).inspect(x).probabilities, before.inspect(x).probabilities)
