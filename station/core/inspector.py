@@ -37,7 +37,9 @@ class Inspector:
     """A bundle's two models, loaded on one backend: model inputs in, ``Scores`` out.
 
     Contract: ``inspect`` takes one bottle's preprocessed inputs and returns its class probabilities
-    (averaged over the bottle's turns, temperature applied, summing to 1), its anomaly map (smoothed,
+    (summing to 1, from the source the bundle's ``decision.classes_from`` names: the map classifier on
+    the anomaly map, the CNN averaged over the bottle's turns with its temperature, or the geometric
+    mean of both; the CNN is run only when named), its anomaly map (smoothed,
     polar) and image score, scored exactly as the bundle was calibrated; it decides nothing. It raises
     BackendError when a model's output does not fit the bundle. Several threads may call ``inspect``
     at once: it keeps no per-call state (the inspection workers share one, through their Pipeline).
