@@ -3,6 +3,7 @@ without torch, and the bundle's switch between it and the CNN."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +86,7 @@ def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Pat
     served_by = {}
     for source in ("cnn", "fused"):
         copy = tmp_path / source
-        copy.mkdir()
-        for f in bundle.iterdir():
-            if f.is_file():
-                (copy / f.name).write_bytes(f.read_bytes())
-        (copy / "calibration").mkdir()
-        for f in (bundle / "calibration").iterdir():
-            (copy / "calibration" / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(bundle, copy)
         manifest["decision"]["classes_from"] = source
         (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
         served_by[source] = Inspector(load_bundle(copy)).inspect(x).probabilities
@@ -102,11 +97,7 @@ def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Pat
 
 def test_a_bundle_that_names_the_map_classifier_must_carry_one(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "b"
-    copy.mkdir()
-    for f in bundle.rglob("*"):
-        if f.is_file():
-            (copy / f.relative_to(bundle)).parent.mkdir(parents=True, exist_ok=True)
-            (copy / f.relative_to(bundle)).write_bytes(f.read_bytes())
+    shutil.copytree(bundle, copy)
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     manifest["decision"]["map_classifier"]["feature_set"] = "map-v0"
     (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
@@ -128,10 +119,7 @@ def test_calibrate_moves_the_threshold_not_the_map_classifiers_unit(bundle: Path
     from station.sources.folder import load_frame
 
     copy = tmp_path / "b"
-    for f in bundle.rglob("*"):
-        if f.is_file():
-            (copy / f.relative_to(bundle)).parent.mkdir(parents=True, exist_ok=True)
-            (copy / f.relative_to(bundle)).write_bytes(f.read_bytes())
+    shutil.copytree(bundle, copy)
     image = load_frame(next((eval_root / "contamination").iterdir()), 0, eval_root, "test", None).image
     assert image is not None
     before = Inspector(load_bundle(copy))

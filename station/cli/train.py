@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING
 from station.cli._args import non_negative_int, positive_float, positive_int
 from station.errors import EXIT_OK, ConfigError, MissingDependencyError
 
+#: station.core.bundle.CLASS_SOURCES, the default first; spelled out because the CLI starts without pydantic
+#: and OpenCV, which importing the bundle module would load for every command
+CLASS_SOURCES = ("map", "cnn", "fused")
+
 if TYPE_CHECKING:
     from station.cli._args import Subparsers
 
@@ -37,7 +41,7 @@ def register_train(sub: Subparsers) -> None:
                    help="what both networks see of the polar view: residual (the default: what differs between "
                         "angles of the mouth, docs/models.md) or raw (each image standardised as a whole, and the "
                         "augmentations of bundles before 2026-12-07)")
-    t.add_argument("--classes-from", default="map", choices=["map", "cnn", "fused"],
+    t.add_argument("--classes-from", default=CLASS_SOURCES[0], choices=CLASS_SOURCES,
                    help="where the bottle's class comes from: map (the default: a logistic regression on the "
                         "anomaly map's size, extent and place, docs/models.md), cnn (the CNN classifier, as "
                         "bundles before 2026-12-07) or fused (the geometric mean of both)")
@@ -104,7 +108,7 @@ def register_loso(sub: Subparsers) -> None:
     p.add_argument("--ae-steps", type=positive_int, default=1000)
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--input-view", default="residual", choices=["raw", "residual"], help="as station train's")
-    p.add_argument("--classes-from", default="map", choices=["map", "cnn", "fused"], help="as station train's")
+    p.add_argument("--classes-from", default=CLASS_SOURCES[0], choices=CLASS_SOURCES, help="as station train's")
     p.add_argument("--calibrate-good", type=non_negative_int, default=30,
                    help="then judge again after `station calibrate` on this many good bottles of the left-out "
                         "style, as a line installing a bundle would (0: not done)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -112,8 +112,8 @@ class AnomalyManifest(_Strict):
 
 #: where a bottle's class probabilities come from: the CNN classifier (classifier.onnx; bundles before
 #: 2026-12-07), the map classifier (station/core/map_classifier.py) or both (geometric mean)
-CLASS_SOURCES = ("cnn", "map", "fused")
 ClassSource = Literal["cnn", "map", "fused"]
+CLASS_SOURCES: tuple[str, ...] = get_args(ClassSource)
 
 
 class MapClassifierManifest(_Strict):

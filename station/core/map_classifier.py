@@ -31,10 +31,10 @@ RADIAL_BANDS = 8
 def _region_shape(m: np.ndarray, weights: np.ndarray, radius: np.ndarray) -> list[float]:
     """Size, angular and radial extent, radial centre, innermost and outermost radius, pieces."""
     rows, cols = m.any(axis=1), m.any(axis=0)
-    total = float(weights.sum()) + 1e-6
-    pieces, _ = cv2.connectedComponents(m.astype(np.uint8))
     if not cols.any():
         return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    total = float(weights.sum()) + 1e-6
+    pieces, _ = cv2.connectedComponents(m.astype(np.uint8))
     return [float(np.log1p(m.sum())), float(rows.mean()), float(cols.mean()),
             float((weights.sum(axis=0) * radius).sum() / total), float(radius[cols].min()),
             float(radius[cols].max()), float(np.log1p(pieces - 1))]

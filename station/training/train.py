@@ -166,7 +166,8 @@ def train_bundle(opts: TrainOptions) -> Manifest:
     if opts.classes_from != "cnn":
         decision_update["map_classifier"] = fit_map_classifier(tmp, split.train, threshold, classes)
     manifest = manifest.model_copy(update={
-        "anomaly": manifest.anomaly.model_copy(update={"threshold": threshold, "threshold_method": method}),
+        "anomaly": manifest.anomaly.model_copy(update={
+            "threshold": threshold, "threshold_method": method, "calibration_scores": SCORES_FILE}),
         "decision": manifest.decision.model_copy(update=decision_update)})
     write_manifest(tmp, Manifest.model_validate(manifest.model_dump()))
 
@@ -203,8 +204,6 @@ def train_bundle(opts: TrainOptions) -> Manifest:
                              "total": round(time.monotonic() - started, 1)},
     }
     manifest = manifest.model_copy(update={
-        "anomaly": manifest.anomaly.model_copy(update={
-            "threshold": threshold, "threshold_method": method, "calibration_scores": SCORES_FILE}),
         "decision": manifest.decision.model_copy(update={
             "classifier_min_anomaly": support.value, "classifier_min_anomaly_quantile": support.quantile,
             "classifier_min_anomaly_method": support.method}),
