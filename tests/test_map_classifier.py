@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from station.core.map_classifier import map_features, map_probabilities
+from station.core.map_classifier import FEATURE_COUNTS, map_features, map_probabilities
 from tests.conftest import run_station
 
 
@@ -22,21 +22,50 @@ def _map(rows: slice, cols: slice, level: float, shape: tuple[int, int] = (256, 
 
 def test_features_tell_a_large_break_at_the_rim_from_a_speck_in_the_opening() -> None:
     names = ["score", "area", "angles", "radii", "centre", "inner", "outer", "pieces"]
-    brk = dict(zip(names, map_features(_map(slice(40, 100), slice(50, 60), 40.0), 40.0, 10.0), strict=False))
-    speck = dict(zip(names, map_features(_map(slice(40, 43), slice(10, 13), 40.0), 40.0, 10.0), strict=False))
+    brk = dict(zip(names, map_features(_map(slice(40, 100), slice(50, 60), 40.0), 40.0, 10.0, _view()), strict=False))
+    speck = dict(zip(names, map_features(_map(slice(40, 43), slice(10, 13), 40.0), 40.0, 10.0, _view()), strict=False))
     assert brk["area"] > speck["area"] + 3  # log(1 + bins): 600 bins against 9
     assert brk["angles"] > 10 * speck["angles"]
     assert brk["centre"] > 0.75 and speck["centre"] < 0.25  # at the rim, in the opening
     assert 0.75 < brk["inner"] <= brk["outer"] < 1.0 and speck["outer"] < 0.25
 
 
+def _view(shape: tuple[int, int] = (512, 128)) -> np.ndarray:
+    """A polar view (1, 3, angles, radii) of a good mouth: grey opening, bright rim, dark background."""
+    view = np.empty((1, 3, *shape), np.float32)
+    radii = shape[1]
+    view[..., : radii * 5 // 10] = 0.3
+    view[..., radii * 5 // 10: radii * 9 // 10] = 0.8
+    view[..., radii * 9 // 10:] = 0.05
+    return view
+
+
 def test_features_are_in_units_of_the_threshold() -> None:
     """An autoencoder whose maps read twice as high, with a threshold twice as high, shows the same features."""
     m = _map(slice(10, 30), slice(20, 40), 25.0)
-    assert np.allclose(map_features(m, 25.0, 8.0), map_features(2 * m, 50.0, 16.0))
-    assert not np.allclose(map_features(m, 25.0, 8.0), map_features(m, 25.0, 16.0))
+    for feature_set in FEATURE_COUNTS:
+        a = map_features(m, 25.0, 8.0, _view(), feature_set)
+        assert a.shape == (FEATURE_COUNTS[feature_set],)
+        assert np.allclose(a, map_features(2 * m, 50.0, 16.0, _view(), feature_set))
+        assert not np.allclose(a, map_features(m, 25.0, 16.0, _view(), feature_set))
     with pytest.raises(ValueError, match="calibrated anomaly threshold"):
-        map_features(m, 25.0, float("inf"))
+        map_features(m, 25.0, float("inf"), _view())
+    with pytest.raises(ValueError, match="need the polar view"):
+        map_features(m, 25.0, 8.0)
+
+
+def test_v2_tells_a_chip_showing_the_background_from_a_foreign_speck() -> None:
+    """A chip's pixels take the colour of what lies behind the glass, found further out on the same mouth; a speck
+    of contamination is a colour found at no radius of a good mouth. The map is the same for both."""
+    m = _map(slice(40, 46), slice(36, 44), 40.0)  # on the rim (half-resolution bins 32-57)
+    chip, speck = _view(), _view()
+    chip[0, :, 80:92, 72:88] = 0.05  # the background's grey
+    speck[0, :, 80:92, 72:88] = np.array([0.9, 0.1, 0.1], np.float32)[:, None, None]  # red, on no good mouth
+    names = ["closest_over_own", "own_distance", "shift", "abs_shift"]
+    f_chip = dict(zip(names, map_features(m, 40.0, 10.0, chip)[-4:], strict=True))
+    f_speck = dict(zip(names, map_features(m, 40.0, 10.0, speck)[-4:], strict=True))
+    assert f_chip["closest_over_own"] < 0.1 < 0.5 < f_speck["closest_over_own"]
+    assert f_chip["shift"] > 0.2  # the background lies outside the rim
 
 
 def test_the_fit_learns_what_separates_the_classes() -> None:
@@ -68,7 +97,7 @@ def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Pat
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     mc = manifest["decision"]["map_classifier"]
     assert manifest["decision"]["classes_from"] == "map"
-    assert mc["feature_set"] == "map-v1" and mc["fit"]["images"] > 0
+    assert mc["feature_set"] == "map-v2" and mc["fit"]["images"] > 0
     assert np.asarray(mc["weights"]).shape == (len(mc["mean"]), len(manifest["classes"]))
 
     inspector = Inspector(load_bundle(bundle))
@@ -77,7 +106,7 @@ def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Pat
     x = preprocess(image, inspector.preprocess_spec)
     served = inspector.inspect(x)
     assert mc["threshold"] == manifest["anomaly"]["threshold"]  # fitted at the threshold training chose
-    features = map_features(served.anomaly_map, served.anomaly_score, mc["threshold"])
+    features = map_features(served.anomaly_map, served.anomaly_score, mc["threshold"], x.autoencoder)
     expected = map_probabilities(features, np.asarray(mc["mean"]), np.asarray(mc["std"]),
                                  np.asarray(mc["weights"]), np.asarray(mc["bias"]))
     assert np.allclose(served.probabilities, expected, atol=1e-9)
@@ -94,6 +123,18 @@ def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Pat
     geometric = np.sqrt(cnn * expected)
     assert np.allclose(served_by["fused"], geometric / geometric.sum(), atol=1e-6)
 
+    # A bundle fitted on map-v1 (before the region's form and look were measured) is served with map-v1.
+    copy = tmp_path / "v1"
+    shutil.copytree(bundle, copy)
+    v1 = FEATURE_COUNTS["map-v1"]
+    old = dict(mc, feature_set="map-v1", mean=mc["mean"][:v1], std=mc["std"][:v1], weights=mc["weights"][:v1])
+    manifest["decision"].update(classes_from="map", map_classifier=old)
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    old_features = map_features(served.anomaly_map, served.anomaly_score, mc["threshold"], feature_set="map-v1")
+    assert np.allclose(Inspector(load_bundle(copy)).inspect(x).probabilities,
+                       map_probabilities(old_features, np.asarray(old["mean"]), np.asarray(old["std"]),
+                                         np.asarray(old["weights"]), np.asarray(old["bias"])), atol=1e-9)
+
 
 def test_a_bundle_that_names_the_map_classifier_must_carry_one(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "b"
@@ -104,6 +145,11 @@ def test_a_bundle_that_names_the_map_classifier_must_carry_one(bundle: Path, tmp
     proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))
     assert proc.returncode == 2
     assert "map-v0" in proc.stderr and "retrain" in proc.stderr
+    manifest["decision"]["map_classifier"]["feature_set"] = "map-v1"  # 28 features, the weights are for 34
+    (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))
+    assert proc.returncode == 2
+    assert "weights must be 28 features" in proc.stderr
     del manifest["decision"]["map_classifier"]
     (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))

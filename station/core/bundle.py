@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from station.core.atomic import write_text_atomic
 from station.core.folders import GOOD
-from station.core.map_classifier import FEATURE_SET
+from station.core.map_classifier import FEATURE_COUNTS
 from station.core.preprocess import Lighting, Normalisation, PreprocessSpec, Sampling
 from station.core.validation import load_yaml_model
 from station.errors import BundleError
@@ -221,12 +221,12 @@ class Manifest(_Strict):
         mc = d.map_classifier
         if mc is None:
             raise ValueError(f"decision.classes_from is {d.classes_from!r} but decision.map_classifier is missing")
-        if mc.feature_set != FEATURE_SET:
+        if mc.feature_set not in FEATURE_COUNTS:
             raise ValueError(f"decision.map_classifier.feature_set {mc.feature_set!r}: this station computes "
-                             f"{FEATURE_SET!r}; retrain the bundle")
-        n = len(mc.mean)
-        if len(mc.std) != n or len(mc.weights) != n or any(len(row) != len(self.classes) for row in mc.weights) \
-                or len(mc.bias) != len(self.classes):
+                             f"{', '.join(FEATURE_COUNTS)}; retrain the bundle")
+        n = FEATURE_COUNTS[mc.feature_set]
+        if any(len(v) != n for v in (mc.mean, mc.std, mc.weights)) \
+                or any(len(row) != len(self.classes) for row in mc.weights) or len(mc.bias) != len(self.classes):
             raise ValueError(f"decision.map_classifier: weights must be {n} features × {len(self.classes)} "
                              "classes, with a mean and std per feature and a bias per class")
         return self

@@ -65,7 +65,8 @@ class Inspector:
         self.classes_from = m.decision.classes_from
         mc = m.decision.map_classifier
         self._map = None if mc is None or self.classes_from == "cnn" else (
-            mc.threshold, (np.asarray(mc.mean), np.asarray(mc.std), np.asarray(mc.weights), np.asarray(mc.bias)))
+            mc.threshold, mc.feature_set,
+            (np.asarray(mc.mean), np.asarray(mc.std), np.asarray(mc.weights), np.asarray(mc.bias)))
 
     def warm_up(self, runs: int = 2) -> None:
         """Run both models on blank inputs so the first bottle does not pay for lazy init."""
@@ -96,11 +97,11 @@ class Inspector:
         out: np.ndarray = probs[0].astype(np.float64)
         return out
 
-    def map_probabilities(self, smoothed: np.ndarray, score: float) -> np.ndarray:
+    def map_probabilities(self, inputs: ModelInputs, smoothed: np.ndarray, score: float) -> np.ndarray:
         """(n_classes,) the map classifier's probabilities (station/core/map_classifier.py)."""
         assert self._map is not None
-        unit, fitted = self._map
-        features = map_classifier.map_features(smoothed, score, unit)
+        unit, feature_set, fitted = self._map
+        features = map_classifier.map_features(smoothed, score, unit, inputs.autoencoder, feature_set)
         out: np.ndarray = map_classifier.map_probabilities(features, *fitted)
         return out
 
@@ -122,10 +123,10 @@ class Inspector:
         if self.classes_from == "cnn":
             probs = self.cnn_probabilities(inputs, error_map)
         elif self.classes_from == "map":
-            probs = self.map_probabilities(smoothed, score)
+            probs = self.map_probabilities(inputs, smoothed, score)
         else:  # fused: the geometric mean, so either model's confident "no" counts
             both = np.log(np.clip(self.cnn_probabilities(inputs, error_map), 1e-12, None)) \
-                + np.log(np.clip(self.map_probabilities(smoothed, score), 1e-12, None))
+                + np.log(np.clip(self.map_probabilities(inputs, smoothed, score), 1e-12, None))
             probs = map_classifier.softmax_rows(both / 2)
         t3 = time.perf_counter()
         return Scores(

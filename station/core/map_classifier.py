@@ -13,6 +13,13 @@ fitted weights), so the features do not depend on the scale of one autoencoder's
 `station calibrate` moves the threshold the decision uses, not these units: measured on bundles
 judged on a renderer style they never saw, recalibrating the units too cost 2.5–15 points of
 accuracy (docs/models.md).
+
+`map-v2` adds what the map's shape and the view's colours say of the same region: how compact and how
+elongated it is (a speck is round, a fibre long, a chip a wedge), and whether its pixels look like
+another part of the mouth's radial profile. A chip replaces glass with what lies behind it (the
+background, or the bottle's inside), a colour found elsewhere along the radius; contamination is a
+colour found nowhere on a good mouth. On the project's three styles, each trained on 16 images a class
+and judged on the rest (30 random splits), it names 95.1 % right against map-v1's 93.4 %.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-#: the version of the feature list below; a bundle records the one it was fitted on
-FEATURE_SET = "map-v1"
+#: the feature list training fits; a bundle records the one it was fitted on and is served with it
+FEATURE_SET = "map-v2"
+#: every feature list this station computes, and how many numbers each gives
+FEATURE_COUNTS = {"map-v1": 28, "map-v2": 34}
 #: regions are where the map reaches these fractions of its own maximum, and these fractions of the threshold
 RELATIVE_LEVELS = (0.5, 0.25)
 THRESHOLD_LEVELS = (0.5, 1.0)
@@ -40,12 +49,61 @@ def _region_shape(m: np.ndarray, weights: np.ndarray, radius: np.ndarray) -> lis
             float(radius[cols].max()), float(np.log1p(pieces - 1))]
 
 
-def map_features(smoothed: np.ndarray, score: float, threshold: float) -> np.ndarray:
+def _region_form(s: np.ndarray, m: np.ndarray) -> list[float]:
+    """How much of its bounding extent the region fills, and how elongated it is (log eigenvalue ratio)."""
+    angles, _ = s.shape
+    a, r = np.nonzero(m)
+    if len(a) < 3:
+        return [0.0, 0.0]
+    fill = np.log1p(len(a)) - np.log1p(m.any(axis=1).sum()) - np.log1p(m.any(axis=0).sum())
+    weights = s[a, r]
+    # Angles wrap: measure them from the region's peak, and as arc length at each bin's radius.
+    peak_row = a[np.argmax(weights)]
+    da = (a - peak_row + angles // 2) % angles - angles // 2
+    arc = da * 2 * np.pi * (r + 0.5) / angles
+    cov = np.cov(np.stack([arc, r.astype(np.float64)]), aweights=weights) + 1e-3 * np.eye(2)
+    small, large = np.linalg.eigvalsh(cov)
+    return [float(fill), float(np.log(large / small))]
+
+
+def _region_against_profile(s: np.ndarray, m: np.ndarray, view: np.ndarray) -> list[float]:
+    """Whether the region's pixels look like another radius of this mouth's profile, and which.
+
+    ``view`` is the polar image the autoencoder was given, (3, angles', radii') at any resolution.
+    Returns the weighted mean of (distance to the closest profile colour / distance to the profile
+    colour at its own radius), the log of the latter in units of the view's spread, and the signed and
+    absolute radial shift to the closest profile colour, as a fraction of the radius.
+    """
+    angles, radii = s.shape
+    a, r = np.nonzero(m)
+    if len(a) == 0:
+        return [1.0, 0.0, 0.0, 0.0]
+    bins = cv2.resize(np.ascontiguousarray(np.transpose(view, (1, 2, 0)), np.float32), (radii, angles),
+                      interpolation=cv2.INTER_AREA).reshape(angles, radii, -1)
+    profile = bins.mean(axis=0)  # (radii, channels): a good mouth is the same at every angle
+    spread = float(np.abs(bins - profile[None]).mean()) + 1e-3
+    distance = np.linalg.norm(bins[a, r][:, None, :] - profile[None], axis=2)  # (pixels, radii)
+    rows = np.arange(len(r))
+    own = distance[rows, r]
+    closest = distance.argmin(axis=1)
+    weights = s[a, r] / s[a, r].sum()
+    return [float((weights * distance[rows, closest] / (own + 1e-3)).sum()),
+            float(np.log((weights * own).sum() / spread + 1e-3)),
+            float((weights * (closest - r)).sum() / radii), float((weights * np.abs(closest - r)).sum() / radii)]
+
+
+def map_features(smoothed: np.ndarray, score: float, threshold: float, view: np.ndarray | None = None,
+                 feature_set: str = FEATURE_SET) -> np.ndarray:
     """(n_features,) float64 description of the anomalous region(s) of one bottle's smoothed polar map.
 
     Rows of ``smoothed`` are angles, columns radii from the centre out; ``score`` is the bottle's
-    image score and ``threshold`` the bundle's anomaly threshold.
+    image score and ``threshold`` the bundle's anomaly threshold. ``map-v2`` also needs ``view``, the
+    polar image the autoencoder was given ((1, 3, angles, radii) or (3, angles, radii)).
     """
+    if feature_set not in FEATURE_COUNTS:
+        raise ValueError(f"unknown map feature set {feature_set!r}; this station computes {sorted(FEATURE_COUNTS)}")
+    if feature_set != "map-v1" and view is None:
+        raise ValueError(f"the {feature_set} features need the polar view the autoencoder was given")
     if not np.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"the map classifier needs a calibrated anomaly threshold, got {threshold}")
     s = np.clip(np.asarray(smoothed, np.float64), 0.0, None) / threshold
@@ -65,6 +123,11 @@ def map_features(smoothed: np.ndarray, score: float, threshold: float) -> np.nda
     features += list(bands / (bands.sum() + 1e-6))
     per_angle = s.sum(axis=1)
     features.append(float(per_angle.max() / (per_angle.sum() + 1e-6)))
+    if feature_set == "map-v2":
+        assert view is not None
+        region = s > RELATIVE_LEVELS[0] * peak if peak > 0 else np.zeros_like(s, bool)
+        features += _region_form(s, region)
+        features += _region_against_profile(s, region, np.asarray(view).reshape(-1, *np.shape(view)[-2:]))
     return np.asarray(features, np.float64)
 
 

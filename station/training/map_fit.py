@@ -50,8 +50,9 @@ def fit_map_classifier(bundle_root: Path, items: list[LabelledImage], threshold:
     spec = inspector.preprocess_spec
     rows = []
     for item in items:
-        _, smoothed, score = inspector.anomaly(load_inputs(item.path, spec))
-        rows.append(map_features(smoothed, score, threshold))
+        inputs = load_inputs(item.path, spec)
+        _, smoothed, score = inspector.anomaly(inputs)
+        rows.append(map_features(smoothed, score, threshold, inputs.autoencoder))
     x = np.stack(rows)
     y = np.asarray([classes.index(i.label) for i in items])
     mean = x.mean(axis=0)
