@@ -69,8 +69,7 @@ def test_v2_tells_a_chip_showing_the_background_from_a_foreign_speck() -> None:
 
 
 def test_the_fit_learns_what_separates_the_classes() -> None:
-    pytest.importorskip("torch")  # the train extra: map_fit sits with the trainings
-    from station.training.map_fit import fit_logistic
+    from station.core.map_refit import fit_logistic
 
     rng = np.random.default_rng(3)
     centres = np.array([[0, 0], [3, 0], [0, 3], [3, 3]], float)
@@ -157,22 +156,46 @@ def test_a_bundle_that_names_the_map_classifier_must_carry_one(bundle: Path, tmp
     assert "decision.map_classifier is missing" in proc.stderr
 
 
-def test_calibrate_moves_the_threshold_not_the_map_classifiers_unit(bundle: Path, eval_root: Path,
-                                                                    tmp_path: Path) -> None:
+def test_calibrate_refits_the_map_classifier_on_the_lines_good_bottles_in_its_training_unit(
+        bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    """`station calibrate` moves the threshold and refits the map classifier on its training features plus the
+    line's good bottles (labelled good), in the training threshold's unit; each calibration starts again from
+    the training features; a bundle that keeps none is left as it was, and says so."""
     from station.core.bundle import load_bundle
     from station.core.inspector import Inspector
+    from station.core.map_refit import FEATURES_FILE
     from station.core.preprocess import preprocess
     from station.sources.folder import load_frame
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
-    image = load_frame(next((eval_root / "contamination").iterdir()), 0, eval_root, "test", None).image
-    assert image is not None
-    before = Inspector(load_bundle(copy))
-    x = preprocess(image, before.preprocess_spec)
+    goods = sorted((eval_root / "good").iterdir())
+    spec = Inspector(load_bundle(copy)).preprocess_spec
+    images = [load_frame(p, 0, eval_root, "test", None).image for p in goods]
+    inputs = [preprocess(image, spec) for image in images if image is not None]
+    before = [Inspector(load_bundle(copy)).inspect(x).probabilities[0] for x in inputs]
     proc = run_station("calibrate", "--model", str(copy), "--good", str(eval_root / "good"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     old, new = (yaml.safe_load((b / "manifest.yaml").read_text()) for b in (bundle, copy))
+    trained_on = old["decision"]["map_classifier"]["fit"]["images"]
+    assert f"refitted on its {trained_on} training images and {len(goods)} good bottles" in proc.stdout
     assert new["anomaly"]["threshold"] != old["anomaly"]["threshold"]
-    assert new["decision"]["map_classifier"] == old["decision"]["map_classifier"]
-    assert np.array_equal(Inspector(load_bundle(copy)).inspect(x).probabilities, before.inspect(x).probabilities)
+    mc_old, mc_new = old["decision"]["map_classifier"], new["decision"]["map_classifier"]
+    assert mc_new["threshold"] == mc_old["threshold"] and mc_new["feature_set"] == mc_old["feature_set"]
+    assert mc_new["fit"]["line_good"] == len(goods) and mc_new["weights"] != mc_old["weights"]
+    after = [Inspector(load_bundle(copy)).inspect(x).probabilities[0] for x in inputs]
+    assert np.mean(np.log(after)) > np.mean(np.log(before))  # the line's good bottles now read as good
+
+    assert run_station("calibrate", "--model", str(copy), "--good", str(eval_root / "good")).returncode == 0
+    again = yaml.safe_load((copy / "manifest.yaml").read_text())["decision"]["map_classifier"]
+    assert again["weights"] == mc_new["weights"] and again["fit"]["line_good"] == len(goods)
+
+    old_style = tmp_path / "old"
+    shutil.copytree(bundle, old_style)
+    (old_style / FEATURES_FILE).unlink()
+    del old["files"][FEATURES_FILE]
+    (old_style / "manifest.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    proc = run_station("calibrate", "--model", str(old_style), "--good", str(eval_root / "good"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "map classifier unchanged" in proc.stdout
+    assert yaml.safe_load((old_style / "manifest.yaml").read_text())["decision"]["map_classifier"] == mc_old

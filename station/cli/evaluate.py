@@ -80,4 +80,11 @@ def handle_calibrate(args: argparse.Namespace) -> int:
     old = bundle.manifest.anomaly.threshold
     threshold, method = recalibrate(bundle, frames, args.target_false_reject)
     print(f"{args.model}: anomaly threshold {old:.5g} → {threshold:.5g} ({method})")
+    mc = load_bundle(args.model).manifest.decision.map_classifier
+    if mc is not None and "line_good" in mc.fit:
+        print(f"{args.model}: map classifier refitted on its {mc.fit['images']} training images and "
+              f"{mc.fit['line_good']} good bottles of this line")
+    elif mc is not None:
+        print(f"{args.model}: map classifier unchanged (the bundle keeps no training features, as bundles trained "
+              "before calibration refitted it; retrain to refit it on the line's good bottles)")
     return EXIT_OK

@@ -16,11 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from station.core.bundle import Bundle, checksums, write_manifest
+from station.core.bundle import Bundle, MapClassifierManifest, checksums, write_manifest
 from station.core.drift import ANOMALY_SCORE, MIN_REFERENCE, SCALE_FLOOR, SIDES, reference
-from station.core.folders import list_images
+from station.core.folders import GOOD, list_images
 from station.core.frame import Frame
+from station.core.map_classifier import map_features
+from station.core.map_refit import read_features, refit_with_line_good
 from station.core.pipeline import Pipeline
+from station.core.preprocess import preprocess
 from station.errors import ConfigError, DatasetError
 from station.sources.folder import load_frame
 
@@ -47,6 +50,18 @@ def anomaly_scores(pipeline: Pipeline, frames: list[Frame]) -> list[float]:
             raise DatasetError(f"calibration image {frame.path or frame.frame_id}: {detail}")
         scores.append(verdict.decision.anomaly_score)
     return scores
+
+
+def line_map_features(pipeline: Pipeline, frames: list[Frame], mc: MapClassifierManifest) -> np.ndarray:
+    """The map classifier's features of the line's good images (already inspected by anomaly_scores)."""
+    inspector = pipeline.inspector
+    rows = []
+    for frame in frames:
+        assert frame.image is not None  # anomaly_scores refused the frames it could not inspect
+        inputs = preprocess(frame.image, inspector.preprocess_spec)
+        _, smoothed, score = inspector.anomaly(inputs)
+        rows.append(map_features(smoothed, score, mc.threshold, inputs.autoencoder, mc.feature_set))
+    return np.stack(rows)
 
 
 #: Confidence of the tolerance bound: with this probability the false-reject rate is at most the target.
@@ -122,6 +137,12 @@ def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float)
             "classifier_min_anomaly": float(np.quantile(np.asarray(scores, np.float64), q)),
             "classifier_min_anomaly_method": f"{q:.0%} quantile of {len(scores)} good anomaly scores "
                                              f"(station calibrate {stamp})"})
+    mc = decision.map_classifier
+    kept = read_features(bundle.root, mc) if mc is not None else None
+    if mc is not None and kept is not None:
+        # The map classifier learns what this line's good bottles look like, in its training unit.
+        decision = decision.model_copy(update={"map_classifier": refit_with_line_good(
+            mc, *kept, line_map_features(pipeline, frames, mc), m.classes, GOOD, stamp)})
     drift = m.drift
     passing = [x for x in scores if x <= threshold]
     if drift is not None and len(passing) >= MIN_REFERENCE:

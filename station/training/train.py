@@ -34,6 +34,7 @@ from station.core.bundle import (
 )
 from station.core.folders import BOTTLE_CLASSES, GOOD, LabelledImage
 from station.core.frame import Frame
+from station.core.map_refit import FEATURES_FILE
 from station.core.pipeline import Pipeline
 from station.errors import DatasetError
 from station.service.replay import ReplayCollector
@@ -233,8 +234,8 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         # Drift watch's reference (station/core/drift.py): the good images measured by the serving code.
         "drift": drift_reference(pipeline, [i.path for i in pool if i.label == GOOD],
                                  [i.path for i in split.holdout if i.label == GOOD], cal_scores, threshold),
-        "files": checksums(tmp, ["classifier.onnx", "autoencoder.onnx", "split.json",
-                                 SCORES_FILE]),
+        "files": checksums(tmp, ["classifier.onnx", "autoencoder.onnx", "split.json", SCORES_FILE]
+                           + ([FEATURES_FILE] if opts.classes_from != "cnn" else [])),
     })
     write_manifest(tmp, manifest)
     load_bundle(tmp)  # the bundle we hand over must load
