@@ -78,8 +78,9 @@ def _region_against_profile(s: np.ndarray, m: np.ndarray, view: np.ndarray) -> l
     a, r = np.nonzero(m)
     if len(a) == 0:
         return [1.0, 0.0, 0.0, 0.0]
-    bins = cv2.resize(np.ascontiguousarray(np.transpose(view, (1, 2, 0)), np.float32), (radii, angles),
-                      interpolation=cv2.INTER_AREA).reshape(angles, radii, -1)
+    # Channel by channel: each is contiguous, and a transposed copy of the view cost more than the resize.
+    bins = np.stack([cv2.resize(np.asarray(c, np.float32), (radii, angles), interpolation=cv2.INTER_AREA)
+                     for c in view], axis=-1)
     profile = bins.mean(axis=0)  # (radii, channels): a good mouth is the same at every angle
     spread = float(np.abs(bins - profile[None]).mean()) + 1e-3
     distance = np.linalg.norm(bins[a, r][:, None, :] - profile[None], axis=2)  # (pixels, radii)
