@@ -37,6 +37,7 @@ def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> 
         assert calibrated["good"] == 4 and calibrated["figures"]["images"] == figures["images"]
         manifest = yaml.safe_load((out / "models" / f"without-{left_out}-calibrated" / "manifest.yaml").read_text())
         assert manifest["anomaly"]["threshold"] == calibrated["figures"]["threshold"] != figures["threshold"]
+        assert manifest["decision"]["map_classifier"]["fit"]["line_good"] == 4  # refitted with them as good
     table = (out / "loso.md").read_text()
     assert table.count("\n| ring | dome |") == 1 and table.count("\n| dome | ring |") == 1
     assert "wrote" in proc.stdout
