@@ -85,6 +85,6 @@ def handle_calibrate(args: argparse.Namespace) -> int:
         print(f"{args.model}: map classifier refitted on its {mc.fit['images']} training images and "
               f"{mc.fit['line_good']} good bottles of this line")
     elif mc is not None:
-        print(f"{args.model}: map classifier unchanged (the bundle keeps no training features, as bundles trained "
-              "before calibration refitted it; retrain to refit it on the line's good bottles)")
+        print(f"{args.model}: map classifier unchanged (the bundle keeps no training features to refit it on: "
+              "it was trained before they were kept; retrain it to have calibrate refit the map classifier too)")
     return EXIT_OK
