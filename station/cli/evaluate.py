@@ -78,9 +78,10 @@ def handle_calibrate(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     frames = good_frames(args.good)
     old = bundle.manifest.anomaly.threshold
-    threshold, method = recalibrate(bundle, frames, args.target_false_reject)
-    print(f"{args.model}: anomaly threshold {old:.5g} → {threshold:.5g} ({method})")
-    mc = load_bundle(args.model).manifest.decision.map_classifier
+    manifest = recalibrate(bundle, frames, args.target_false_reject)
+    print(f"{args.model}: anomaly threshold {old:.5g} → {manifest.anomaly.threshold:.5g} "
+          f"({manifest.anomaly.threshold_method})")
+    mc = manifest.decision.map_classifier
     if mc is not None and "line_good" in mc.fit:
         print(f"{args.model}: map classifier refitted on its {mc.fit['images']} training images and "
               f"{mc.fit['line_good']} good bottles of this line")

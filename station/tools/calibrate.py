@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from station.core.bundle import Bundle, MapClassifierManifest, checksums, write_manifest
+from station.core.bundle import Bundle, Manifest, MapClassifierManifest, checksums, write_manifest
 from station.core.drift import ANOMALY_SCORE, MIN_REFERENCE, SCALE_FLOOR, SIDES, reference
 from station.core.folders import GOOD, list_images
 from station.core.frame import Frame
+from station.core.inspector import Scores
 from station.core.map_classifier import map_features
 from station.core.map_refit import read_features, refit_with_line_good
 from station.core.pipeline import Pipeline
 from station.core.preprocess import preprocess
+from station.core.verdict import Verdict
 from station.errors import ConfigError, DatasetError
 from station.sources.folder import load_frame
 
@@ -40,27 +42,39 @@ def good_frames(folder: Path, what: str = "--good") -> list[Frame]:
     return [load_frame(p, n, folder, "calibrate", None) for n, p in enumerate(paths)]
 
 
-def anomaly_scores(pipeline: Pipeline, frames: list[Frame]) -> list[float]:
-    """Scores of good images as the station computes them; an image that cannot be inspected is an error."""
-    scores = []
+def inspect_good(pipeline: Pipeline, frames: list[Frame]) -> list[Verdict]:
+    """Good images inspected as the station inspects them; an image that cannot be inspected is an error."""
+    verdicts = []
     for frame in frames:
         verdict = pipeline.process(frame)
         if verdict.decision is None:
             detail = verdict.error["detail"] if verdict.error else "not inspected"
             raise DatasetError(f"calibration image {frame.path or frame.frame_id}: {detail}")
-        scores.append(verdict.decision.anomaly_score)
-    return scores
+        verdicts.append(verdict)
+    return verdicts
 
 
-def line_map_features(pipeline: Pipeline, frames: list[Frame], mc: MapClassifierManifest) -> np.ndarray:
-    """The map classifier's features of the line's good images (already inspected by anomaly_scores)."""
-    inspector = pipeline.inspector
+def anomaly_scores(pipeline: Pipeline, frames: list[Frame]) -> list[float]:
+    """Scores of good images as the station computes them; an image that cannot be inspected is an error."""
+    return [_scores(v).anomaly_score for v in inspect_good(pipeline, frames)]
+
+
+def _scores(verdict: Verdict) -> Scores:
+    assert verdict.scores is not None  # inspect_good returns inspected verdicts only
+    return verdict.scores
+
+
+def line_map_features(pipeline: Pipeline, verdicts: list[Verdict], mc: MapClassifierManifest) -> np.ndarray:
+    """The map classifier's features of the line's good images, from the maps their inspection made; only the
+    polar view is made again (the verdict does not carry it)."""
+    spec = pipeline.inspector.preprocess_spec
     rows = []
-    for frame in frames:
-        assert frame.image is not None  # anomaly_scores refused the frames it could not inspect
-        inputs = preprocess(frame.image, inspector.preprocess_spec)
-        _, smoothed, score = inspector.anomaly(inputs)
-        rows.append(map_features(smoothed, score, mc.threshold, inputs.autoencoder, mc.feature_set))
+    for verdict in verdicts:
+        image = verdict.frame.image
+        assert image is not None  # inspected, so loaded
+        scores = _scores(verdict)
+        rows.append(map_features(scores.anomaly_map, scores.anomaly_score, mc.threshold,
+                                 preprocess(image, spec).autoencoder, mc.feature_set))
     return np.stack(rows)
 
 
@@ -120,10 +134,12 @@ def write_scores(root: Path, scores: list[float], threshold: float, method: str,
     path.write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
-def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float) -> tuple[float, str]:
-    """New threshold from good line images; rewrites the bundle's scores and manifest (new version)."""
+def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float) -> Manifest:
+    """New threshold from good line images; rewrites the bundle's scores and manifest (new version), which it
+    returns."""
     pipeline = Pipeline(bundle)
-    scores = anomaly_scores(pipeline, frames)
+    verdicts = inspect_good(pipeline, frames)
+    scores = [_scores(v).anomaly_score for v in verdicts]
     threshold, method = choose_threshold(scores, target_false_reject)
     m = bundle.manifest
     write_scores(bundle.root, scores, threshold, method, [str(f.path or f.frame_id) for f in frames])
@@ -142,7 +158,7 @@ def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float)
     if mc is not None and kept is not None:
         # The map classifier learns what this line's good bottles look like, in its training unit.
         decision = decision.model_copy(update={"map_classifier": refit_with_line_good(
-            mc, *kept, line_map_features(pipeline, frames, mc), m.classes, GOOD, stamp)})
+            mc, *kept, line_map_features(pipeline, verdicts, mc), m.classes, GOOD, stamp)})
     drift = m.drift
     passing = [x for x in scores if x <= threshold]
     if drift is not None and len(passing) >= MIN_REFERENCE:
@@ -164,4 +180,4 @@ def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float)
         "files": files,
     })
     write_manifest(bundle.root, manifest)
-    return threshold, method
+    return manifest
