@@ -30,6 +30,20 @@ def test_replay_runs_without_torch(bundle: Path, eval_root: Path, tmp_path: Path
     assert all(v["class"] is not None for v in verdicts)
 
 
+def test_calibrate_refits_the_map_classifier_without_torch(bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    """A line calibrates on the station's own machine, which has no torch."""
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK, "calibrate", "--model", str(copy), "--good", str(eval_root / "good")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "map classifier refitted" in proc.stdout
+
+
 def test_train_without_torch_names_the_extra(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", BLOCK, "train", "--data", str(tmp_path), "--out", str(tmp_path / "m")],
