@@ -114,6 +114,33 @@ def test_a_partial_file_is_taken_only_once_it_holds_still(running: tuple[Path, _
     assert run.frames[0].path == folder / "slow.png"
 
 
+def test_an_empty_file_waits_for_its_writer_and_one_left_empty_is_still_taken(tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    source = WatchedFolderSource(folder, poll_interval_s=0.03, rescan_s=0.05)
+    source.empty_settle_s = 0.6  # EMPTY_SETTLE_S, shortened for the test; still 20 poll intervals
+    run = _Running(source)
+    try:
+        _watching(run)
+        # A writer that opened the file and was held off the CPU for ten poll intervals before writing:
+        # taken at once it would be inspected twice, empty then whole (the CI flake of the 20 000-file test).
+        with open(folder / "held.png", "wb") as f:
+            time.sleep(0.3)
+            f.write(b"image")
+        left = folder / "left-empty.png"
+        left.touch()
+        t0 = time.monotonic()
+        assert run.wait_for(1) == ["held.png"]
+        assert run.wait_for(2) == ["held.png", "left-empty.png"]  # nothing is lost: it gets its (error) verdict
+        assert time.monotonic() - t0 >= 0.6 - 0.05
+        _rescans_pass(run.source, 3)
+        assert len(run.frames) == 2
+        run.frames[1].load()
+        assert run.frames[1].error is not None
+    finally:
+        run.close()
+
+
 def test_a_taken_file_is_forgotten_once_gone_and_a_rewrite_is_a_new_image(running: tuple[Path, _Running]) -> None:
     folder, run = running
     (folder / "a.png").write_bytes(b"first")

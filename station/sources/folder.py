@@ -22,6 +22,8 @@ from station.sources import OnOverload, SourceBase
 DEFAULT_REMEMBER = 10_000
 #: How often a watched folder is listed in full, in case inotify dropped events; see WatchedFolderSource.
 DEFAULT_RESCAN_S = 60.0
+#: How long an empty file must hold still before it is taken; see WatchedFolderSource.
+EMPTY_SETTLE_S = 2.0
 
 _Signature = tuple[int, int]  # (size, mtime_ns)
 
@@ -98,7 +100,12 @@ class WatchedFolderSource(SourceBase):
     cost of a poll no longer grows with the folder. A file is taken once its size
     and modification time have held still for ``poll_interval_s`` with no event on
     it, so a half-written image is not read; writers that can should still write
-    to a hidden temporary name and rename (hidden names are ignored).
+    to a hidden temporary name and rename (hidden names are ignored). An empty
+    file is far more often one a writer has opened and not written yet than a
+    finished image, and a writer can be held off the CPU for longer than a poll
+    interval right there; so an empty file must hold still for ``EMPTY_SETTLE_S``
+    (or the poll interval, if longer). One that stays empty is then taken like
+    any other and gets its verdict (an unreadable image).
 
     Memory is bounded by the backlog, not by the history. What was taken is
     remembered as (path → size, mtime) so that a late event on a file already
@@ -130,6 +137,7 @@ class WatchedFolderSource(SourceBase):
         # by a live camera, where a verdict that comes late is worth less than a bounded latency.
         self.on_overload = on_overload
         self.poll_interval_s = poll_interval_s
+        self.empty_settle_s = max(poll_interval_s, EMPTY_SETTLE_S)
         self.process_existing = process_existing
         self.remember = max(1, remember)
         self.rescan_s = rescan_s
@@ -202,7 +210,7 @@ class WatchedFolderSource(SourceBase):
         now = time.monotonic()
         ready: list[tuple[Path, _Signature]] = []
         for p, (sig, since) in list(self._pending.items()):
-            if now - since < self.poll_interval_s:
+            if now - since < (self.empty_settle_s if sig[0] == 0 else self.poll_interval_s):
                 continue
             try:
                 st = p.stat()
