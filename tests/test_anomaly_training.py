@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from station.tools.calibrate import CONFIDENCE, choose_threshold
 from station.training.anomalies import KINDS, simulate
-from station.training.crossfit import assign_folds, cross_fit
+from station.training.crossfit import (
+    CROSS_FIT_CONFIDENCE,
+    POINT_ESTIMATE_FROM,
+    assign_folds,
+    cross_fit,
+    threshold_confidence,
+)
 
 
 def _views(n: int, seed: int = 0) -> torch.Tensor:
@@ -87,9 +96,30 @@ def test_a_bundle_records_its_cross_fitted_threshold_and_margin(bundle: Path) ->
     assert split["calibration"] == []
     assert sorted(scores["images"]) == sorted(train_good) and len(scores["good_scores"]) == len(train_good)
     assert "cross-fitted over 2 folds" in manifest["anomaly"]["threshold_method"]
+    # Under POINT_ESTIMATE_FROM scores the threshold is the 95 % bound, which is also the map classifier's unit.
+    n = len(scores["good_scores"])
+    assert n < POINT_ESTIMATE_FROM and threshold_confidence(n) == CONFIDENCE
+    bound, _ = choose_threshold(scores["good_scores"], 0.01)
+    assert manifest["anomaly"]["threshold"] == pytest.approx(bound)
+    assert manifest["decision"]["map_classifier"]["threshold"] == pytest.approx(bound)
     metrics = manifest["metrics"]
     lowest = metrics["holdout_lowest_defect_score"]
     assert metrics["holdout_anomaly_margin"] == pytest.approx(lowest / manifest["anomaly"]["threshold"])
+
+
+def test_many_cross_fitted_scores_set_the_fitted_quantile_never_under_the_empirical_one() -> None:
+    # A log-normal sample at its plotting positions: the highest score is the fit's 0.985 quantile.
+    scores = [float(np.exp(1.2 + 0.6 * NormalDist().inv_cdf((i + 1) / 65))) for i in range(64)]
+    assert threshold_confidence(64) == CROSS_FIT_CONFIDENCE == 0.5
+    fitted, method = choose_threshold(scores, 0.01, threshold_confidence(64))
+    bound, _ = choose_threshold(scores, 0.01)
+    log = np.log(scores)
+    point = float(np.exp(log.mean() + 2.3263 * log.std(ddof=1)))  # the 0.99 quantile of the log-normal fit
+    assert fitted == pytest.approx(max(point, float(np.quantile(scores, 0.99, method="higher"))), rel=1e-3)
+    assert fitted < bound and "50%-confidence" in method
+    # One bright good bottle far out in the tail: the empirical quantile (here the highest score) still rules.
+    outlier = [*scores[:-1], max(scores) * 3]
+    assert choose_threshold(outlier, 0.01, threshold_confidence(64))[0] == max(outlier)
 
 
 def test_the_draem_model_exports_a_map_onnx_runtime_reproduces(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ in and how strongly it stands out. These are a few numbers measured on the autoe
 which is already in units of good bottles' error; a multinomial logistic regression on them needs
 few images and, measured on the same dome line, names 92.5 % right (docs/models.md).
 
-Every feature is measured in units of the anomaly threshold chosen at training (recorded with the
-fitted weights), so the features do not depend on the scale of one autoencoder's map. A later
+Every feature is measured in units of a threshold of the training's good scores (recorded with the
+fitted weights: the 95 % tolerance bound of station/tools/calibrate.py, whichever threshold the
+decision uses), so the features do not depend on the scale of one autoencoder's map. A later
 `station calibrate` moves the threshold the decision uses, not these units: measured on bundles
 judged on a renderer style they never saw, recalibrating the units too cost 2.5–15 points of
 accuracy (docs/models.md).

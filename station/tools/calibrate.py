@@ -95,7 +95,8 @@ def tolerance_factor(n: int, coverage: float, confidence: float = CONFIDENCE) ->
     return (z_p + math.sqrt(z_p**2 - a * b)) / a
 
 
-def choose_threshold(scores: list[float], target_false_reject: float) -> tuple[float, str]:
+def choose_threshold(scores: list[float], target_false_reject: float,
+                     confidence: float = CONFIDENCE) -> tuple[float, str]:
     if not scores:
         raise DatasetError("no good images to calibrate on")
     if not 0 < target_false_reject < 1:
@@ -117,11 +118,11 @@ def choose_threshold(scores: list[float], target_false_reject: float) -> tuple[f
     sample = np.log(values) if log_normal else values
     mean = float(sample.mean())
     std = float(sample.std(ddof=1)) if n > 1 else 0.0
-    k = tolerance_factor(n, quantile) if n > 1 else 0.0
+    k = tolerance_factor(n, quantile, confidence) if n > 1 else 0.0
     fitted = float(np.exp(mean + k * std)) if log_normal else mean + k * std
     threshold = max(empirical, fitted)
     fit = "log-normal" if log_normal else "normal"
-    method = (f"max of the empirical {quantile:g} quantile ({empirical:.4g}) and the {CONFIDENCE:.0%}-confidence "
+    method = (f"max of the empirical {quantile:g} quantile ({empirical:.4g}) and the {confidence:.0%}-confidence "
               f"bound on the {quantile:g} quantile of a {fit} fit ({fitted:.4g}, k={k:.3f}) to the anomaly scores "
               f"of {n} held-out good images; target false-reject rate {target_false_reject:g}")
     return threshold, method
