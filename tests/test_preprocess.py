@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from station.core.anomaly import UNSEEN_REACH_BINS, mask_unseen
 from station.core.bundle import load_bundle
 from station.core.preprocess import (
     Lighting,
@@ -16,9 +18,11 @@ from station.core.preprocess import (
     Normalisation,
     PreprocessSpec,
     canonical_view,
+    fill_unseen,
     locate_mouth,
     polar_view,
     preprocess,
+    unseen_samples,
 )
 from station.errors import FrameError
 from station.sources.folder import FolderReplaySource
@@ -143,6 +147,41 @@ def test_polar_view_beyond_the_image_edge_is_black() -> None:
     left = SPEC.angle_bins // 2  # angle 180°: towards x = 0
     assert polar[left, -5:].max() == 0
     assert polar[0, : SPEC.radius_bins // 2].min() == 200  # towards the centre of the image: all inside
+
+
+def test_samples_past_the_frame_edge_are_filled_from_their_radius_and_marked_unseen() -> None:
+    # A backlit-like frame: bright all round, a dark ring whose outer circle reaches past the left edge.
+    image = np.full((900, 900, 3), 200, np.uint8)
+    cv2.circle(image, (220, 450), 200, (40, 40, 40), 40)
+    mouth = Mouth(220.0, 450.0, 240.0)
+    unseen = unseen_samples(image.shape, mouth, SPEC)
+    assert unseen is not None and unseen.shape == (SPEC.angle_bins, SPEC.radius_bins)
+    left, right = SPEC.angle_bins // 2, 0  # angle 180°: towards x = 0; angle 0°: well inside
+    assert unseen[left, -5:].all() and not unseen[right].any() and not unseen[:, : SPEC.radius_bins // 2].any()
+    filled = fill_unseen(polar_view(image, mouth, SPEC), unseen)
+    # What reads black past the edge now shows what the same radius shows where it is seen.
+    assert filled[left, -5:].min() == 200
+    assert filled[unseen].min() > 0
+    inputs = preprocess(image, dataclasses.replace(SPEC, lighting="back"))
+    assert inputs.unseen is not None and inputs.unseen.any()
+    # A mouth the frame holds whole (with room for the sampling's blend at the edge) has none.
+    assert unseen_samples(image.shape, Mouth(450.0, 450.0, 240.0), SPEC) is None
+    assert preprocess(bottle(), SPEC).unseen is None
+
+
+def test_the_anomaly_map_never_scores_what_the_camera_did_not_see() -> None:
+    unseen = np.zeros((SPEC.angle_bins, SPEC.radius_bins), bool)
+    unseen[250:262, 120:] = True  # a patch past the frame's edge, in polar samples
+    smoothed = np.full((256, 64), 5.0, np.float32)  # a map at half the view's resolution
+    masked = mask_unseen(smoothed, unseen)
+    assert (masked[125:131, 60:] == 0).all()  # the bins over the patch
+    assert (masked[125 - UNSEEN_REACH_BINS:131 + UNSEEN_REACH_BINS, 60 - UNSEEN_REACH_BINS:] == 0).all()
+    assert masked[:100].min() == 5.0 and masked[:, :50].min() == 5.0  # the rest is scored as it was
+    # Angles wrap: a patch at angle 0 reaches the last rows too.
+    wrap = np.zeros_like(unseen)
+    wrap[:2, 100:] = True
+    assert (mask_unseen(smoothed, wrap)[-UNSEEN_REACH_BINS:, 60] == 0).all()
+    assert mask_unseen(smoothed, None) is smoothed
 
 
 def test_a_bundle_is_served_with_the_sampling_it_was_trained_with(bundle: Path) -> None:

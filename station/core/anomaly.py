@@ -49,6 +49,28 @@ def smooth(error_map: np.ndarray, params: AnomalyParams) -> np.ndarray:
     return m
 
 
+#: map bins beside an unseen one that are not scored either: the autoencoder's error spreads past the
+#: filled-in samples' edge by about its first layers' reach
+UNSEEN_REACH_BINS = 2
+
+
+def mask_unseen(smoothed: np.ndarray, unseen: np.ndarray | None) -> np.ndarray:
+    """``smoothed`` with the bins over samples the camera did not see (ModelInputs.unseen) set to 0."""
+    if unseen is None:
+        return smoothed
+    h, w = smoothed.shape
+    # The map may be coarser than the polar view: a bin is unseen when any of its samples is.
+    coarse = cv2.resize(unseen.astype(np.uint8), (w, h), interpolation=cv2.INTER_AREA) > 0
+    r = UNSEEN_REACH_BINS
+    # Rows are angles and wrap round the mouth; radii do not.
+    wrapped = np.concatenate([coarse[-r:], coarse, coarse[:r]]).astype(np.uint8)
+    coarse = cv2.dilate(wrapped, np.ones((2 * r + 1, 2 * r + 1), np.uint8),
+                        borderType=cv2.BORDER_CONSTANT, borderValue=0)[r:-r] > 0
+    out = smoothed.copy()
+    out[coarse] = 0.0
+    return out
+
+
 def image_score(smoothed: np.ndarray, params: AnomalyParams) -> float:
     """Mean of the top ``top_k_fraction`` of pixels: small defects still move it."""
     flat = smoothed.ravel()

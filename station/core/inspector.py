@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from station.core import map_classifier
-from station.core.anomaly import AnomalyParams, image_score, smooth
+from station.core.anomaly import AnomalyParams, image_score, mask_unseen, smooth
 from station.core.backends import BackendSpec, ModelRunner, load_models
 from station.core.bundle import Bundle
 from station.core.preprocess import ModelInputs, Mouth
@@ -108,17 +108,17 @@ class Inspector:
     def anomaly(self, inputs: ModelInputs) -> tuple[np.ndarray, np.ndarray, float]:
         """The autoencoder's map as it comes out, the map smoothed and masked, and the image score."""
         error_map = self.autoencoder.run(inputs.autoencoder)
-        return (error_map, *self._score(error_map))
+        return (error_map, *self._score(error_map, inputs))
 
-    def _score(self, error_map: np.ndarray) -> tuple[np.ndarray, float]:
-        smoothed = smooth(error_map.reshape(error_map.shape[-2:]), self.params)
+    def _score(self, error_map: np.ndarray, inputs: ModelInputs) -> tuple[np.ndarray, float]:
+        smoothed = mask_unseen(smooth(error_map.reshape(error_map.shape[-2:]), self.params), inputs.unseen)
         return smoothed, image_score(smoothed, self.params)
 
     def inspect(self, inputs: ModelInputs) -> Scores:
         t0 = time.perf_counter()
         error_map = self.autoencoder.run(inputs.autoencoder)
         t1 = time.perf_counter()
-        smoothed, score = self._score(error_map)
+        smoothed, score = self._score(error_map, inputs)
         t2 = time.perf_counter()
         if self.classes_from == "cnn":
             probs = self.cnn_probabilities(inputs, error_map)

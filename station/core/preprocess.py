@@ -88,6 +88,8 @@ class ModelInputs:
     autoencoder: np.ndarray
     mouth: Mouth
     roi: tuple[int, int, int]  # x, y, side of the square crop in the source image
+    #: (angle_bins, radius_bins) polar samples outside the view (filled in, never scored); None: all seen
+    unseen: np.ndarray | None = None
 
 
 def to_bgr8(image: np.ndarray) -> np.ndarray:
@@ -292,6 +294,36 @@ def _polar_view_area(view: np.ndarray, mouth: Mouth, spec: PreprocessSpec) -> np
     return np.asarray(polar)
 
 
+def unseen_samples(view_shape: tuple[int, ...], mouth: Mouth, spec: PreprocessSpec) -> np.ndarray | None:
+    """(angle_bins, radius_bins) bool: the polar samples the camera did not see, or None when it saw all.
+
+    A bottle off centre can take the mouth's surroundings, or the rim itself, past the frame's edge.
+    What lies there reads as black (and as a blend with black for a block's width inside the edge), which
+    on a bright background, a backlit line's, is an anomaly as large as a broken rim.
+    """
+    outer = mouth.radius * spec.radius_margin
+    # The width the area-block shrink and the bilinear read blend across, and a pixel more.
+    edge = 2 * max(1, int(np.ceil(outer / spec.radius_bins))) + 1
+    h, w = view_shape[:2]
+    if (mouth.cx - outer >= edge and mouth.cy - outer >= edge
+            and mouth.cx + outer <= w - 1 - edge and mouth.cy + outer <= h - 1 - edge):
+        return None
+    dx, dy = _polar_rays(spec.angle_bins, spec.radius_bins)
+    x, y = mouth.cx + dx * outer, mouth.cy + dy * outer
+    unseen = (x < edge) | (y < edge) | (x > w - 1 - edge) | (y > h - 1 - edge)
+    return unseen if unseen.any() else None
+
+
+def fill_unseen(polar_bgr: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    """Each unseen sample takes the median of the seen ones at its radius: what this mouth shows there."""
+    filled = polar_bgr.copy()
+    for j in np.flatnonzero(unseen.any(axis=0)):
+        seen = ~unseen[:, j]
+        if seen.any():
+            filled[unseen[:, j], j] = np.median(polar_bgr[seen, j], axis=0)
+    return filled
+
+
 def normalise(polar_bgr: np.ndarray, norm: Normalisation) -> np.ndarray:
     """(1, 3, H, W) float32 RGB: (pixel / 255 − mean) / std, as one multiply-add per channel."""
     rgb = cv2.cvtColor(polar_bgr, cv2.COLOR_BGR2RGB).transpose(2, 0, 1).astype(np.float32, order="C")
@@ -308,11 +340,15 @@ def preprocess(image: np.ndarray, spec: PreprocessSpec) -> ModelInputs:
     view, roi = canonical_view(image, spec.canonical_size)
     mouth = locate_mouth(view, spec)
     polar = polar_view(view, mouth, spec)
+    unseen = unseen_samples(view.shape, mouth, spec)
+    if unseen is not None:
+        polar = fill_unseen(polar, unseen)
     return ModelInputs(
         classifier=normalise(polar, spec.classifier),
         autoencoder=normalise(polar, spec.autoencoder),
         mouth=mouth,
         roi=roi,
+        unseen=unseen,
     )
 
 
