@@ -129,13 +129,49 @@ def canonical_view(image: np.ndarray, canonical_size: int) -> tuple[np.ndarray, 
     return roi, (x, y, side)
 
 
+def _fitted_circle(points: np.ndarray) -> tuple[float, float, float]:
+    """The least-squares circle (cx, cy, r) through (n, 2) points (Kåsa's algebraic fit)."""
+    x, y = points[:, 0], points[:, 1]
+    (a, b, c), *_ = np.linalg.lstsq(np.column_stack([x, y, np.ones_like(x)]), x * x + y * y, rcond=None)
+    cx, cy = a / 2, b / 2
+    return float(cx), float(cy), float(np.sqrt(max(c + cx * cx + cy * cy, 0.0)))
+
+
+def _cut_rim_circle(contour: np.ndarray, side: int) -> tuple[float, float, float] | None:
+    """The rim's circle from the part of its outline the frame holds, or None if too little of it.
+
+    The enclosing circle of a blob the frame's edge cuts off is the cut blob's, smaller and pulled
+    inwards, so the polar view would unwrap the wrong circle. A circle fitted to the outline off the
+    edge is the rim's. Points well inside the fit (a missing piece of rim) are dropped and the circle
+    fitted again, so a chip does not pull it in either.
+    """
+    points = contour.reshape(-1, 2).astype(np.float64)
+    points = points[((points > 0) & (points < side - 1)).all(axis=1)]
+    for _ in range(3):
+        if len(points) < 12:
+            return None
+        cx, cy, r = _fitted_circle(points)
+        distance = np.hypot(points[:, 0] - cx, points[:, 1] - cy)
+        outer = distance > r - max(2.0, 0.02 * r)
+        if outer.all():
+            break
+        points = points[outer]
+    return cx, cy, r
+
+
 def _rim_circle(mask: np.ndarray) -> tuple[float, float, float] | None:
-    """The enclosing circle (cx, cy, r) of the largest blob of ``mask``, after closing small gaps."""
+    """The enclosing circle (cx, cy, r) of the largest blob of ``mask``, after closing small gaps;
+    for a blob the frame's edge cuts, the circle fitted to the rest of its outline."""
     mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
     largest = max(contours, key=cv2.contourArea)
+    side = mask.shape[0]
+    if largest.min() <= 0 or largest.max() >= side - 1:
+        cut = _cut_rim_circle(largest, side)
+        if cut is not None:
+            return cut
     (cx, cy), r = cv2.minEnclosingCircle(largest)
     return float(cx), float(cy), float(r)
 
