@@ -43,6 +43,36 @@ def test_bench_refuses_an_empty_folder(bundle: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no images under" in proc.stderr
 
 
+def test_bench_names_a_source_image_the_bundle_cannot_locate(bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import cv2
+    import numpy as np
+
+    shutil.copy(next((eval_root / "good").iterdir()), tmp_path / "a.png")
+    cv2.imwrite(str(tmp_path / "b-blank.png"), np.full((900, 900, 3), 128, np.uint8))  # no bottle in it
+    proc = run_station("bench", "--model", str(bundle), "--source", str(tmp_path), "--frames", "4", timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "b-blank.png: no_bottle_found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_renders_bottles_lit_as_the_bundle_expects(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    root = shutil.copytree(bundle, tmp_path / "backlit")
+    manifest = yaml.safe_load((root / "manifest.yaml").read_text())
+    manifest["view"]["lighting"] = "back"  # a backlit line's bundle: ring-lit renders have no mouth for it
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    out = tmp_path / "bench.json"
+    proc = run_station("bench", "--model", str(root), "--frames", "8", "--rate", "50", "--json", str(out),
+                       timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "backlit style, for view.lighting back" in proc.stderr
+    assert json.loads(out.read_text())["offered"]["published"] == 8
+
+
 @pytest.mark.slow
 def test_bench_compares_the_chosen_precision_with_a_baseline_in_the_same_run(bundle: Path, tmp_path: Path) -> None:
     import shutil

@@ -52,7 +52,7 @@ def handle_bench(args: argparse.Namespace) -> int:
     from station.core.backends import precision_arg, resolve_precision
     from station.core.bundle import load_bundle
     from station.core.pipeline import Pipeline
-    from station.tools.bench import folder_images, format_report, run_bench, synth_images
+    from station.tools.bench import BENCH_STYLE, check_locatable, folder_images, format_report, run_bench, synth_images
 
     bundle = load_bundle(args.model)
     plan = parallelism.plan(args.workers, args.threads)
@@ -60,10 +60,14 @@ def handle_bench(args: argparse.Namespace) -> int:
     pipeline = Pipeline(bundle, backend=backend_spec(args, plan))
     pipeline.warm_up()
     if args.source == "synth":
-        print(f"bench: rendering {args.frames} bottles", file=sys.stderr)
-        images = synth_images(args.frames)
+        style = BENCH_STYLE.get(str(bundle.manifest.view.lighting), "ring")
+        print(f"bench: rendering {args.frames} bottles ({style} style, for view.lighting "
+              f"{bundle.manifest.view.lighting})", file=sys.stderr)
+        images = synth_images(args.frames, style=style)
+        names = [f"rendered bottle {n}" for n in range(len(images))]
     else:
-        images = folder_images(Path(args.source), args.frames)
+        images, names = folder_images(Path(args.source), args.frames)
+    check_locatable(images, names, pipeline.inspector.preprocess_spec)
     baseline = None
     if args.baseline_precision is not None:
         baseline = Pipeline(bundle, backend=backend_spec(args, plan, args.baseline_precision))

@@ -28,9 +28,9 @@ from station.core.folders import DEFECT_CLASSES, is_image_file
 from station.core.frame import Frame
 from station.core.imageio import read_image
 from station.core.pipeline import Pipeline
-from station.core.preprocess import preprocess
+from station.core.preprocess import PreprocessSpec, preprocess
 from station.core.report_format import percentile
-from station.errors import DatasetError
+from station.errors import DatasetError, FrameError
 from station.service.daemon import Station, StationHooks, StationSettings
 from station.service.publish import Subscriber, VerdictPublisher
 from station.sources import OnOverload, SourceBase
@@ -77,18 +77,35 @@ class MemorySource(SourceBase):
                         captured_mono=time.monotonic(), image=image)
 
 
-def synth_images(n: int, seed: int = 11) -> list[np.ndarray]:
-    """n bottles, one in three defective, rendered in memory (nothing is written)."""
+#: the renderer style `station bench` draws for a bundle of each lighting: bottles it can locate
+BENCH_STYLE = {"back": "backlit", "front": "ring", "auto": "ring"}
+
+
+def synth_images(n: int, seed: int = 11, style: str = "ring") -> list[np.ndarray]:
+    """n bottles of ``style``, one in three defective, rendered in memory (nothing is written)."""
     rng = np.random.default_rng(seed)
     kinds: list[str | None] = [None, None, None, *DEFECT_CLASSES]
-    return [render_bottle(rng, kinds[i % len(kinds)])[0] for i in range(n)]
+    return [render_bottle(rng, kinds[i % len(kinds)], style=style)[0] for i in range(n)]
 
 
-def folder_images(folder: Path, n: int) -> list[np.ndarray]:
+def check_locatable(images: list[np.ndarray], names: list[str], spec: PreprocessSpec) -> None:
+    """DatasetError naming the first image whose mouth this bundle cannot locate: the measurements
+    need every frame inspected, and an error verdict costs a fraction of an inspection."""
+    for image, name in zip(images, names, strict=True):
+        try:
+            preprocess(image, spec)
+        except FrameError as exc:
+            raise DatasetError(f"{name}: {exc.reason}: {exc.detail}; `station bench` needs bottles this "
+                               f"bundle locates (view.lighting {spec.lighting})") from exc
+
+
+def folder_images(folder: Path, n: int) -> tuple[list[np.ndarray], list[str]]:
+    """n images of the folder (cycled), and the file each came from."""
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
     if not paths:
         raise DatasetError(f"no images under {folder}")
-    return [read_image(paths[i % len(paths)]) for i in range(n)]
+    chosen = [paths[i % len(paths)] for i in range(n)]
+    return [read_image(p) for p in chosen], [str(p) for p in chosen]
 
 
 @dataclass
