@@ -52,7 +52,7 @@ def handle_bench(args: argparse.Namespace) -> int:
     from station.core.backends import precision_arg, resolve_precision
     from station.core.bundle import load_bundle
     from station.core.pipeline import Pipeline
-    from station.tools.bench import BENCH_STYLE, check_locatable, folder_images, format_report, run_bench, synth_images
+    from station.tools.bench import bench_style, check_locatable, folder_images, format_report, run_bench, synth_images
 
     bundle = load_bundle(args.model)
     plan = parallelism.plan(args.workers, args.threads)
@@ -60,7 +60,7 @@ def handle_bench(args: argparse.Namespace) -> int:
     pipeline = Pipeline(bundle, backend=backend_spec(args, plan))
     pipeline.warm_up()
     if args.source == "synth":
-        style = BENCH_STYLE.get(str(bundle.manifest.view.lighting), "ring")
+        style = bench_style(bundle.manifest.view.lighting)
         print(f"bench: rendering {args.frames} bottles ({style} style, for view.lighting "
               f"{bundle.manifest.view.lighting})", file=sys.stderr)
         images = synth_images(args.frames, style=style)

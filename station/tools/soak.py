@@ -29,7 +29,7 @@ from station.core.verdict import Verdict
 from station.errors import StationError
 from station.service.daemon import Station, StationHooks, StationSettings
 from station.service.publish import SequenceTracker, VerdictPublisher
-from station.tools.bench import MemorySource, free_endpoint, synth_images
+from station.tools.bench import MemorySource, bench_style, free_endpoint, synth_images
 
 MAX_GROWTH = 0.05
 
@@ -85,7 +85,7 @@ class _MemoryProbe:
 
 
 def soak(pipeline: Pipeline, frames: int, workers: int, distinct: int = 60) -> SoakReport:
-    images = synth_images(min(distinct, frames))
+    images = synth_images(min(distinct, frames), style=bench_style(pipeline.bundle.manifest.view.lighting))
     endpoint = free_endpoint()
     publisher = VerdictPublisher(endpoint, "soak", uuid.uuid4().hex)
     subscriber = subprocess.Popen(
