@@ -33,12 +33,14 @@ def video(eval_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
 
 def _listening(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port, read from /proc so as not to take ffmpeg's one client."""
+    """Whether 127.0.0.1:port listens, or has already taken its one client (ffmpeg's ``-listen 1`` then
+    closes the listening socket: a station reconnecting every 0.5 s can take it between two looks).
+    Read from /proc so as not to take that one client ourselves."""
     needle = f"0100007F:{port:04X}"
     for table in ("/proc/net/tcp",):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if fields[1] == needle and fields[3] == "0A":  # 0A: LISTEN
+            if fields[1] == needle and fields[3] in ("0A", "01"):  # 0A: LISTEN, 01: ESTABLISHED
                 return True
     return False
 
