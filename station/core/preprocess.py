@@ -272,6 +272,15 @@ def _polar_rays(angle_bins: int, radius_bins: int) -> tuple[np.ndarray, np.ndarr
     return dx, dy
 
 
+def _block(outer: float, spec: PreprocessSpec) -> int:
+    """The side k of the blocks the square around a mouth of ``outer`` radius is averaged in.
+
+    Rounded up: the averaging must span a whole bin, or the noise of the glass aliases into the
+    view (rounded down, good bottles' anomaly scores grew a tail that defects start at).
+    """
+    return max(1, int(np.ceil(outer / spec.radius_bins)))
+
+
 def polar_view(view: np.ndarray, mouth: Mouth, spec: PreprocessSpec) -> np.ndarray:
     """(angle_bins, radius_bins, 3) BGR uint8 unwrapping of the mouth.
 
@@ -287,9 +296,7 @@ def polar_view(view: np.ndarray, mouth: Mouth, spec: PreprocessSpec) -> np.ndarr
     if spec.sampling == "area":
         return _polar_view_area(view, mouth, spec)
     outer = mouth.radius * spec.radius_margin
-    # Rounded up: the averaging must span a whole bin, or the noise of the glass aliases into the
-    # view (rounded down, good bottles' anomaly scores grew a tail that defects start at).
-    k = max(1, int(np.ceil(outer / spec.radius_bins)))
+    k = _block(outer, spec)
     size_y, size_x = view.shape[:2]
     x0 = max(0, int(np.floor(mouth.cx - outer)) - k)
     y0 = max(0, int(np.floor(mouth.cy - outer)) - k)
@@ -339,7 +346,7 @@ def unseen_samples(view_shape: tuple[int, ...], mouth: Mouth, spec: PreprocessSp
     """
     outer = mouth.radius * spec.radius_margin
     # The width the area-block shrink and the bilinear read blend across, and a pixel more.
-    edge = 2 * max(1, int(np.ceil(outer / spec.radius_bins))) + 1
+    edge = 2 * _block(outer, spec) + 1
     h, w = view_shape[:2]
     if (mouth.cx - outer >= edge and mouth.cy - outer >= edge
             and mouth.cx + outer <= w - 1 - edge and mouth.cy + outer <= h - 1 - edge):

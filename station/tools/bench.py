@@ -77,13 +77,10 @@ class MemorySource(SourceBase):
                         captured_mono=time.monotonic(), image=image)
 
 
-#: the renderer style `station bench` and `station soak` draw for a bundle of each lighting: bottles it locates
-BENCH_STYLE = {"back": "backlit", "front": "ring", "auto": "ring"}
-
-
 def bench_style(lighting: str) -> str:
-    """The renderer style of synthetic bottles a bundle with this ``view.lighting`` can locate."""
-    return BENCH_STYLE.get(lighting, "ring")
+    """The renderer style of the synthetic bottles `station bench` and `station soak` draw for a bundle with
+    this ``view.lighting``: bottles it can locate."""
+    return "backlit" if lighting == "back" else "ring"
 
 
 def synth_images(n: int, seed: int = 11, style: str = "ring") -> list[np.ndarray]:
