@@ -16,7 +16,8 @@ def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> 
     out = tmp_path / "loso"
     proc = run_station("loso", "--out", str(out), "--styles", "ring,dome", "--train-good", "6",
                        "--train-per-class", "3", "--judge-per-class", "2", "--novel", "2", "--epochs", "1",
-                       "--ae-steps", "8", "--threads", "1", "--calibrate-good", "4", timeout=900)
+                       "--ae-steps", "8", "--threads", "1", "--calibrate-good", "4", "--adapt-good", "16",
+                       timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "loso.json").read_text())
     assert [r["left_out"] for r in record["results"]] == ["ring", "dome"]
@@ -38,8 +39,15 @@ def test_leave_one_style_out_trains_without_the_judged_style(tmp_path: Path) -> 
         manifest = yaml.safe_load((out / "models" / f"without-{left_out}-calibrated" / "manifest.yaml").read_text())
         assert manifest["anomaly"]["threshold"] == calibrated["figures"]["threshold"] != figures["threshold"]
         assert manifest["decision"]["map_classifier"]["fit"]["line_good"] == 4  # refitted with them as good
+        # And after `station adapt` on 16 of them: an autoencoder of the line's own, the map classifier kept.
+        adapted = figures["adapted_on_line"]
+        assert adapted["good"] == 16 and adapted["figures"]["images"] == figures["images"]
+        manifest = yaml.safe_load((out / "models" / f"without-{left_out}-adapted" / "manifest.yaml").read_text())
+        assert manifest["training"]["adapted"]["line_good"] == 16
+        assert manifest["anomaly"]["threshold"] == adapted["figures"]["threshold"]
     table = (out / "loso.md").read_text()
     assert table.count("\n| ring | dome |") == 1 and table.count("\n| dome | ring |") == 1
+    assert table.count("↳ adapted on 16 of its good") == 2
     assert "wrote" in proc.stdout
 
 
@@ -54,7 +62,8 @@ def test_a_lighting_nobody_trained_on_is_still_located(tmp_path: Path) -> None:
     out = tmp_path / "loso"
     proc = run_station("loso", "--out", str(out), "--styles", "ring,backlit", "--left-out", "backlit",
                        "--train-good", "6", "--train-per-class", "3", "--judge-per-class", "2", "--novel", "0",
-                       "--epochs", "1", "--ae-steps", "8", "--threads", "1", "--calibrate-good", "0", timeout=900)
+                       "--epochs", "1", "--ae-steps", "8", "--threads", "1", "--calibrate-good", "0",
+                       "--adapt-good", "0", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = yaml.safe_load((out / "models" / "without-backlit" / "manifest.yaml").read_text())
     assert manifest["view"]["lighting"] == "auto"  # front, as the ring images alone say, finds no backlit mouth

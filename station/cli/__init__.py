@@ -31,6 +31,7 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     replay.register,
     evaluate.register_evaluate,
     evaluate.register_calibrate,
+    train.register_adapt,
     subscribe.register_subscribe,
     subscribe.register_keys,
     bridge.register_bridge,

@@ -1,4 +1,4 @@
-"""`station train` and `station loso`: the only commands that import torch, and only when run."""
+"""`station train`, `station adapt` and `station loso`: the only commands that import torch, and only when run."""
 
 from __future__ import annotations
 
@@ -94,6 +94,45 @@ def handle_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def register_adapt(sub: Subparsers) -> None:
+    a = sub.add_parser("adapt", help="carry a bundle to a new line: retrain its autoencoder on the line's good "
+                                     "bottles, keep its map classifier")
+    a.add_argument("--model", type=Path, required=True, help="the bundle to adapt (trained with --classes-from map)")
+    a.add_argument("--good", type=Path, required=True,
+                   help="a folder of the new line's good bottles (at least 16; no defects needed)")
+    a.add_argument("--out", type=Path, required=True, help="bundle folder to write (may be --model itself)")
+    a.add_argument("--ae-steps", type=positive_int, default=None,
+                   help="autoencoder training steps (default: the bundle's own)")
+    a.add_argument("--lighting", default="auto", choices=["auto", "front", "back"],
+                   help="how the new line lights the mouth (auto: the one all its good images show)")
+    a.add_argument("--cross-fit-folds", type=positive_int, default=2,
+                   help="folds for the line's out-of-sample good scores the threshold is set on (at least 2)")
+    a.add_argument("--target-false-reject", type=positive_float, default=0.01,
+                   help="fraction of good bottles the anomaly threshold may reject (default 0.01)")
+    a.add_argument("--device", default="auto", help="as station train's")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
+    a.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    a.set_defaults(handler=handle_adapt)
+
+
+def handle_adapt(args: argparse.Namespace) -> int:
+    try:
+        from station.training.adapt import AdaptOptions, adapt_bundle
+        from station.training.options import pick_device
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"`station adapt` needs the train extra (torch, onnx): pip install 'station[train]' ({exc})"
+        ) from exc
+    manifest = adapt_bundle(AdaptOptions(
+        model=args.model, good=args.good, out=args.out, ae_steps=args.ae_steps, seed=args.seed,
+        threads=args.threads, device=pick_device(args.device), lighting=args.lighting,
+        target_false_reject=args.target_false_reject, cross_fit_folds=args.cross_fit_folds, name=args.name))
+    print(f"wrote bundle {args.out} ({manifest.name} {manifest.version}), adapted from {args.model}")
+    print(json.dumps(manifest.metrics, indent=2))
+    return EXIT_OK
+
+
 def register_loso(sub: Subparsers) -> None:
     p = sub.add_parser("loso", help="leave one renderer style out: train on the others, judge on it")
     p.add_argument("--out", type=Path, required=True, help="folder for the data, bundles and loso.md")
@@ -112,6 +151,9 @@ def register_loso(sub: Subparsers) -> None:
     p.add_argument("--calibrate-good", type=non_negative_int, default=30,
                    help="then judge again after `station calibrate` on this many good bottles of the left-out "
                         "style, as a line installing a bundle would (0: not done)")
+    p.add_argument("--adapt-good", type=non_negative_int, default=30,
+                   help="then judge again after `station adapt` on this many good bottles of the left-out style "
+                        "(its autoencoder retrained on them, no labels; 0: not done)")
     p.add_argument("--lighting", default="per-frame", choices=["auto", "front", "back", "per-frame"],
                    help="as station train's; per-frame (the default) lets a bundle meet a lighting it never "
                         "trained on")
@@ -140,7 +182,7 @@ def handle_loso(args: argparse.Namespace) -> int:
                     judge_per_class=args.judge_per_class, novel=args.novel, epochs=args.epochs,
                     ae_steps=args.ae_steps, threads=args.threads, left_out=left_out,
                     input_view=args.input_view, lighting=args.lighting, calibrate_good=args.calibrate_good,
-                    classes_from=args.classes_from)
+                    adapt_good=args.adapt_good, classes_from=args.classes_from)
     rows = run_loso(plan)
     print(table(rows), end="")
     print(f"wrote {args.out / LOSO_FILE}")

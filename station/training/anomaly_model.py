@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from station.core.anomaly import AnomalyParams, image_score, smooth
 from station.training.anomalies import simulate
 from station.training.augment import augment_batch
+from station.training.crossfit import CrossFit, cross_fit
 from station.training.nets import (
     AutoencoderExport,
     ConvAutoencoder,
@@ -19,6 +21,7 @@ from station.training.nets import (
 )
 from station.training.options import (
     AE_POOL,
+    CROSS_FIT_STEPS,
     MASK_RADIUS,
     RADIUS_MARGIN,
     SMOOTHING_SIGMA,
@@ -148,3 +151,39 @@ def train_anomaly_export(x: torch.Tensor, opts: TrainOptions, steps: int, seed_o
         col_mean, col_std = error_column_stats(autoencoder, x.to(device))
         return AutoencoderExport(autoencoder, col_mean, col_std).eval()
     return DraemExport(train_anomaly_model(x, opts, steps, seed_offset, label)).eval()
+
+
+@dataclass
+class AnomalyFit:
+    """The served anomaly model, and the out-of-sample scores of the good images it trained on."""
+
+    export: nn.Module
+    #: None when not cross-fitted (fewer than 2 folds: a held-out calibration split sets the threshold)
+    crossfit: CrossFit | None
+    seconds: float
+    #: each cross-fitted image's map from the fold model that never trained on it, by row of the input
+    held_out_maps: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def fit_anomaly_model(x: torch.Tensor, opts: TrainOptions) -> AnomalyFit:
+    """The anomaly model trained on all good images ``x``, after one model per fold has scored its held-out part
+    (station/training/crossfit.py) when ``opts.cross_fit_folds`` is at least 2."""
+    t0 = time.monotonic()
+    device = torch.device(opts.device)
+    crossfit: CrossFit | None = None
+    held_out: dict[int, torch.Tensor] = {}
+    if opts.cross_fit_folds >= 2:
+        fold_steps = max(1, round(opts.ae_steps * CROSS_FIT_STEPS))
+
+        def fold_model(rows: list[int], fold: int) -> nn.Module:
+            return train_anomaly_export(x[torch.tensor(rows)], opts, fold_steps, 100 + fold,
+                                        f"anomaly model, fold {fold + 1}/{opts.cross_fit_folds}")
+
+        def fold_scores(model: nn.Module, rows: list[int]) -> list[float]:
+            maps = anomaly_maps(model, x[torch.tensor(rows)], device)
+            held_out.update(zip(rows, maps, strict=True))
+            return map_scores(maps)
+
+        crossfit = cross_fit(len(x), opts.cross_fit_folds, opts.seed, fold_model, fold_scores)
+    export = train_anomaly_export(x, opts, opts.ae_steps, 0, "anomaly model").cpu()
+    return AnomalyFit(export, crossfit, time.monotonic() - t0, held_out)

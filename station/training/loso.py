@@ -39,14 +39,19 @@ class LosoPlan:
     #: good bottles of the left-out style (another seed) the bundle is then recalibrated on, as a line
     #: installing a bundle runs `station calibrate` on its own good bottles; 0: not done
     calibrate_good: int = 30
+    #: good bottles of the left-out style (the same seed) the bundle is then adapted to, as a line installing it
+    #: runs `station adapt` (its autoencoder retrained on them, its map classifier kept); 0: not done
+    adapt_good: int = 30
     lighting: Literal["front", "back", "auto", "per-frame"] = "per-frame"
     classes_from: str = "map"
 
 
 def _row(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
-    calibrated = f.get("calibrated_on_line")
-    return _cells(style, trained_on, f) + (_cells("", (f"↳ calibrated on {calibrated['good']} of its good",),
-                                                  calibrated["figures"]) if calibrated else "")
+    row = _cells(style, trained_on, f)
+    for key, what in (("calibrated_on_line", "calibrated"), ("adapted_on_line", "adapted")):
+        if f.get(key):
+            row += _cells("", (f"↳ {what} on {f[key]['good']} of its good",), f[key]["figures"])
+    return row
 
 
 def _cells(style: str, trained_on: tuple[str, ...], f: dict[str, Any]) -> str:
@@ -97,6 +102,8 @@ def run_loso(plan: LosoPlan) -> list[tuple[str, tuple[str, ...], dict[str, Any]]
         figures = _judge(model, items)
         if plan.calibrate_good:
             figures["calibrated_on_line"] = _judge_calibrated(plan, style, model, items)
+        if plan.adapt_good:
+            figures["adapted_on_line"] = _judge_adapted(plan, style, model, items)
         rows.append((style, others, figures))
         _write(plan, rows)
     return rows
@@ -129,6 +136,20 @@ def _judge_calibrated(plan: LosoPlan, style: str, model: Path, items: list[Any])
     shutil.copytree(model, calibrated)
     recalibrate(load_bundle(calibrated), frames, 0.01)
     return {"good": len(frames), "figures": _judge(calibrated, items)}
+
+
+def _judge_adapted(plan: LosoPlan, style: str, model: Path, items: list[Any]) -> dict[str, Any]:
+    """The bundle adapted to good bottles of the left-out style (no labels), judged again."""
+    from station.tools.synth import write_dataset
+    from station.training.adapt import AdaptOptions, adapt_bundle
+
+    line_root = plan.out / "data" / f"adapt-good-{style}"
+    write_dataset(line_root, seed=plan.judge_seed + 1000, train_good=plan.adapt_good, test_per_class=0,
+                  styles=(style,))
+    adapted = model.with_name(model.name + "-adapted")
+    adapt_bundle(AdaptOptions(model=model, good=line_root / "bottle" / "train" / "good", out=adapted,
+                              ae_steps=plan.ae_steps, seed=plan.train_seed, threads=plan.threads))
+    return {"good": plan.adapt_good, "figures": _judge(adapted, items)}
 
 
 def _write(plan: LosoPlan, rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> None:

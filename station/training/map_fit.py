@@ -21,18 +21,25 @@ from station.training.data import load_inputs
 from station.training.options import say
 
 
+def map_feature_rows(bundle_root: Path, paths: list[Path], unit: float, feature_set: str = FEATURE_SET
+                     ) -> np.ndarray:
+    """(images, features): the map classifier's features of ``paths`` through the bundle at ``bundle_root``
+    (its autoencoder, the serving code), in the unit ``unit``."""
+    inspector = Inspector(load_bundle(bundle_root))
+    spec = inspector.preprocess_spec
+    rows = []
+    for path in paths:
+        inputs = load_inputs(path, spec)
+        _, smoothed, score = inspector.anomaly(inputs)
+        rows.append(map_features(smoothed, score, unit, inputs.autoencoder, feature_set))
+    return np.stack(rows)
+
+
 def fit_map_classifier(bundle_root: Path, items: list[LabelledImage], threshold: float,
                        classes: tuple[str, ...]) -> MapClassifierManifest:
     """The map classifier of the bundle at ``bundle_root`` (its autoencoder), fitted on ``items``; the features
     are kept in the bundle (station/core/map_refit.py) for `station calibrate` to refit on."""
-    inspector = Inspector(load_bundle(bundle_root))
-    spec = inspector.preprocess_spec
-    rows = []
-    for item in items:
-        inputs = load_inputs(item.path, spec)
-        _, smoothed, score = inspector.anomaly(inputs)
-        rows.append(map_features(smoothed, score, threshold, inputs.autoencoder))
-    x = np.stack(rows)
+    x = map_feature_rows(bundle_root, [i.path for i in items], threshold)
     y = np.asarray([classes.index(i.label) for i in items])
     mc = fit_manifest(x, y, classes, FEATURE_SET, threshold, {"images": len(items)})
     write_features(bundle_root, mc, x, [i.label for i in items], [str(i.path) for i in items])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from station.core.bundle import InputManifest, ViewManifest, preprocess_spec
 from station.core.folders import BOTTLE_CLASSES, LabelledImage
 from station.core.preprocess import agreed_lighting
 from station.errors import DatasetError
-from station.training.anomaly_model import anomaly_maps, map_scores, train_anomaly_export
-from station.training.crossfit import CrossFit, cross_fit
+from station.training.anomaly_model import anomaly_maps, fit_anomaly_model
+from station.training.crossfit import CrossFit
 from station.training.data import Split, discover, load_inputs, stratified_split, tensors
 from station.training.nets import evidence
 from station.training.options import (
@@ -23,7 +22,6 @@ from station.training.options import (
     ANGLE_BINS,
     ANOMALY_MODELS,
     CANONICAL_SIZE,
-    CROSS_FIT_STEPS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RADIUS_BINS,
@@ -99,24 +97,9 @@ def prepare(opts: TrainOptions) -> Prepared:
     x_ae = x_ae_all[torch.tensor(good_rows)]
 
     # The anomaly model first: its anomaly map is evidence the classifier sees.
-    t0 = time.monotonic()
-    crossfit: CrossFit | None = None
-    oof_maps: dict[int, torch.Tensor] = {}
-    if opts.cross_fit_folds >= 2:
-        fold_steps = max(1, round(opts.ae_steps * CROSS_FIT_STEPS))
-
-        def fold_model(rows: list[int], fold: int) -> nn.Module:
-            return train_anomaly_export(x_ae[torch.tensor(rows)], opts, fold_steps, 100 + fold,
-                                         f"anomaly model, fold {fold + 1}/{opts.cross_fit_folds}")
-
-        def fold_scores(model: nn.Module, rows: list[int]) -> list[float]:
-            maps = anomaly_maps(model, x_ae[torch.tensor(rows)], device)
-            oof_maps.update({good_rows[r]: m for r, m in zip(rows, maps, strict=True)})
-            return map_scores(maps)
-
-        crossfit = cross_fit(len(x_ae), opts.cross_fit_folds, opts.seed, fold_model, fold_scores)
-    ae_export = train_anomaly_export(x_ae, opts, opts.ae_steps, 0, "anomaly model").cpu()
-    ae_seconds = time.monotonic() - t0
+    fit = fit_anomaly_model(x_ae, opts)
+    ae_export, crossfit = fit.export, fit.crossfit
+    oof_maps = {good_rows[r]: m for r, m in fit.held_out_maps.items()}
     maps = anomaly_maps(ae_export, x_ae_all, torch.device("cpu"))
     # The classifier learns what a good bottle's map looks like from maps the anomaly model did not
     # train on, as it will see them in service: with maps of its own training images, every good
@@ -126,4 +109,4 @@ def prepare(opts: TrainOptions) -> Prepared:
         maps[row] = m
     x_cls = torch.cat([x_rgb, evidence(maps, AE_POOL)], dim=1)
     return Prepared(root, pool, split, view, inputs, x_rgb, x_ae, y, len(cls_items), maps, x_cls, ae_export,
-                    ae_seconds, crossfit)
+                    fit.seconds, crossfit)
