@@ -50,6 +50,7 @@ def test_a_ring_lit_bundle_adapted_to_a_backlit_line_inspects_it(bundle: Path, b
                        "--out", str(adapted), "--ae-steps", "8", "--threads", "1", "--seed", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote bundle {adapted}" in proc.stdout
+    assert "warning: 16 good bottles" in proc.stderr and "under 60" in proc.stderr  # fewer than advised
     manifest = yaml.safe_load((adapted / "manifest.yaml").read_text())
     assert manifest["view"]["lighting"] == "back"  # what the line's good bottles show, recorded for serving
     assert _sha(adapted / "autoencoder.onnx") != source_ae  # a new autoencoder...

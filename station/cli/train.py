@@ -99,10 +99,11 @@ def register_adapt(sub: Subparsers) -> None:
                                      "bottles, keep its map classifier")
     a.add_argument("--model", type=Path, required=True, help="the bundle to adapt (trained with --classes-from map)")
     a.add_argument("--good", type=Path, required=True,
-                   help="a folder of the new line's good bottles (at least 16; no defects needed)")
+                   help="a folder of the new line's good bottles (at least 16, 60 or more advised; no defects "
+                        "needed)")
     a.add_argument("--out", type=Path, required=True, help="bundle folder to write (may be --model itself)")
     a.add_argument("--ae-steps", type=positive_int, default=None,
-                   help="autoencoder training steps (default: the bundle's own)")
+                   help="autoencoder training steps (default 1000, station train's)")
     a.add_argument("--lighting", default="auto", choices=["auto", "front", "back"],
                    help="how the new line lights the mouth (auto: the one all its good images show)")
     a.add_argument("--cross-fit-folds", type=positive_int, default=2,
@@ -151,7 +152,7 @@ def register_loso(sub: Subparsers) -> None:
     p.add_argument("--calibrate-good", type=non_negative_int, default=30,
                    help="then judge again after `station calibrate` on this many good bottles of the left-out "
                         "style, as a line installing a bundle would (0: not done)")
-    p.add_argument("--adapt-good", type=non_negative_int, default=30,
+    p.add_argument("--adapt-good", type=non_negative_int, default=60,
                    help="then judge again after `station adapt` on this many good bottles of the left-out style "
                         "(its autoencoder retrained on them, no labels; 0: not done)")
     p.add_argument("--lighting", default="per-frame", choices=["auto", "front", "back", "per-frame"],

@@ -32,7 +32,7 @@ import torch
 
 from station.core.atomic import swap_in_dir
 from station.core.bundle import Manifest, checksums, load_bundle, preprocess_spec, write_manifest
-from station.core.folders import GOOD, list_images
+from station.core.folders import GOOD, LabelledImage, list_images
 from station.core.map_refit import FEATURES_FILE, fit_manifest, read_features, write_features
 from station.core.pipeline import Pipeline
 from station.core.preprocess import Lighting, agreed_lighting
@@ -41,7 +41,7 @@ from station.tools.calibrate import SCORES_FILE, choose_threshold, write_scores
 from station.tools.drift_reference import drift_reference
 from station.training.anomaly_model import fit_anomaly_model
 from station.training.crossfit import threshold_confidence
-from station.training.data import load_inputs
+from station.training.data import fingerprint, load_inputs
 from station.training.decision import classifier_support
 from station.training.export import INPUT_NAME, check_parity, export_onnx
 from station.training.map_fit import map_feature_rows
@@ -49,6 +49,9 @@ from station.training.options import CROSS_FIT_FOLDS, TrainOptions, say
 
 #: the autoencoder is trained and its threshold set on these; under it the cross-fitted folds are too thin
 MIN_GOOD = 16
+#: under this many, adapting warns: a dome-lit line adapted on 30 good bottles (500 steps) named 62.5 % of its
+#: bottles right and rejected 56 % of defects, on 60 (1000 steps) 88.8 % and 95 % (docs/models.md)
+RECOMMENDED_GOOD = 60
 
 
 @dataclass
@@ -56,7 +59,7 @@ class AdaptOptions:
     model: Path
     good: Path
     out: Path
-    #: None: the bundle's own training steps
+    #: None: station train's default (1000), whatever the bundle was trained with
     ae_steps: int | None = None
     seed: int = 0
     threads: int = 0
@@ -101,6 +104,9 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
                           "it was trained before they were kept: retrain it")
     train_x, train_labels = kept
     paths = _line_good(opts.good)
+    if len(paths) < RECOMMENDED_GOOD:
+        say(f"warning: {len(paths)} good bottles in {opts.good}, under {RECOMMENDED_GOOD}: the autoencoder, its "
+            "threshold and the map classifier's good class rest on few images; give more good bottles of the line")
     torch.set_num_threads(opts.threads or os.cpu_count() or 1)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -117,13 +123,13 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
     training = dict(m.training)
     train_opts = TrainOptions(
         data=opts.good, out=opts.out, seed=opts.seed, threads=opts.threads, device=opts.device,
-        ae_steps=opts.ae_steps or int(training.get("ae_steps") or 1000),
+        ae_steps=opts.ae_steps or TrainOptions.ae_steps,
         anomaly_model=str(training.get("anomaly_model") or "autoencoder"),
         input_view="residual" if ae.arch.endswith("+residual") else "raw",
         cross_fit_folds=opts.cross_fit_folds, target_false_reject=opts.target_false_reject)
     say(f"adapting {opts.model} ({m.name} {m.version}) to {len(paths)} good bottles of {opts.good}; lighting "
-        f"{view.lighting}; anomaly model {train_opts.anomaly_model}, {train_opts.ae_steps} steps, "
-        + (f"cross-fitted over {opts.cross_fit_folds} folds" if opts.cross_fit_folds >= 2 else "not cross-fitted"))
+        f"{view.lighting}; anomaly model {train_opts.anomaly_model}, {train_opts.ae_steps} steps, cross-fitted over "
+        f"{opts.cross_fit_folds} folds")
     fit = fit_anomaly_model(x_ae, train_opts)
     assert fit.crossfit is not None  # at least 2 folds
     scores = fit.crossfit.scores
@@ -181,6 +187,7 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
     manifest = manifest.model_copy(update={
         "drift": drift,
         "training": {**training, "data_root": str(opts.good.resolve()), "split": "split.json",
+                     "data_fingerprint": fingerprint(opts.good, [LabelledImage(p, GOOD) for p in paths]),
                      "adapted": {"from": f"{m.name} {m.version}", "source": str(opts.model.resolve()),
                                  "line_good": len(paths), "ae_steps": train_opts.ae_steps, "seed": opts.seed,
                                  "cross_fit_folds": opts.cross_fit_folds, "lighting": view.lighting,

@@ -41,7 +41,7 @@ class LosoPlan:
     calibrate_good: int = 30
     #: good bottles of the left-out style (the same seed) the bundle is then adapted to, as a line installing it
     #: runs `station adapt` (its autoencoder retrained on them, its map classifier kept); 0: not done
-    adapt_good: int = 30
+    adapt_good: int = 60
     lighting: Literal["front", "back", "auto", "per-frame"] = "per-frame"
     classes_from: str = "map"
 
