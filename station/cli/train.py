@@ -59,9 +59,18 @@ def register_train(sub: Subparsers) -> None:
                    help="class-imbalance handling (default: logit-adjusted cross-entropy)")
     t.add_argument("--sweep", type=Path, default=None, metavar="FILE.yaml",
                    help="train a grid of classifier settings and write OUT/sweep.md instead of a bundle")
-    t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
-    t.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
+    _name_and_threads(t)
     t.set_defaults(handler=handle_train)
+
+
+def _name_and_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
+
+
+def _needs_train_extra(command: str, exc: ImportError) -> MissingDependencyError:
+    return MissingDependencyError(f"`station {command}` needs the train extra (torch, torchvision, onnx): "
+                                  f"pip install 'station[train]' ({exc})")
 
 
 def handle_train(args: argparse.Namespace) -> int:
@@ -69,10 +78,7 @@ def handle_train(args: argparse.Namespace) -> int:
         from station.training.options import TrainOptions, pick_device
         from station.training.train import train_bundle
     except ImportError as exc:
-        raise MissingDependencyError(
-            f"`station train` needs the train extra (torch, torchvision, onnx): "
-            f"pip install 'station[train]' ({exc})"
-        ) from exc
+        raise _needs_train_extra("train", exc) from exc
     options = TrainOptions(
         data=args.data, out=args.out, epochs=args.epochs,
         ae_steps=args.ae_steps,
@@ -112,8 +118,7 @@ def register_adapt(sub: Subparsers) -> None:
                    help="fraction of good bottles the anomaly threshold may reject (default 0.01)")
     a.add_argument("--device", default="auto", help="as station train's")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0: all cores)")
-    a.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    _name_and_threads(a)
     a.set_defaults(handler=handle_adapt)
 
 
@@ -122,9 +127,7 @@ def handle_adapt(args: argparse.Namespace) -> int:
         from station.training.adapt import AdaptOptions, adapt_bundle
         from station.training.options import pick_device
     except ImportError as exc:
-        raise MissingDependencyError(
-            f"`station adapt` needs the train extra (torch, onnx): pip install 'station[train]' ({exc})"
-        ) from exc
+        raise _needs_train_extra("adapt", exc) from exc
     manifest = adapt_bundle(AdaptOptions(
         model=args.model, good=args.good, out=args.out, ae_steps=args.ae_steps, seed=args.seed,
         threads=args.threads, device=pick_device(args.device), lighting=args.lighting,
