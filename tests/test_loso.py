@@ -69,3 +69,19 @@ def test_a_lighting_nobody_trained_on_is_still_located(tmp_path: Path) -> None:
     assert manifest["view"]["lighting"] == "auto"  # front, as the ring images alone say, finds no backlit mouth
     figures = json.loads((out / "loso.json").read_text())["results"][0]["figures"]
     assert figures["images"] == 8 and figures["unreadable"] == 0
+
+
+def test_folds_run_apart_into_one_folder_share_one_table(tmp_path: Path) -> None:
+    """`--left-out` folds run in parallel (one process each) into one --out: the last to finish leaves all."""
+    from station.training.loso import LOSO_FILE, LosoPlan, _write
+
+    figures = {"accuracy": 0.9, "per_class": {"good": {"recall": 1.0}, "broken_large": {"recall": 0.8}},
+               "good_passed": 1.0, "defects_rejected": 0.95, "novel": {}, "image_auroc": 0.99, "threshold": 10.0}
+    styles = ("ring", "dome", "backlit")
+    _write(LosoPlan(tmp_path, styles, left_out=("backlit",)), [("backlit", ("ring", "dome"), figures)])
+    _write(LosoPlan(tmp_path, styles, left_out=("ring",)), [("ring", ("dome", "backlit"), figures)])
+    record = json.loads((tmp_path / "loso.json").read_text())
+    assert [r["left_out"] for r in record["results"]] == ["ring", "backlit"]  # both, in --styles order
+    assert record["results"][1]["plan"]["left_out"] == ["backlit"]  # each fold says how it was run
+    table = (tmp_path / LOSO_FILE).read_text()
+    assert "\n| ring | dome, backlit |" in table and "\n| backlit | ring, dome |" in table

@@ -4,7 +4,8 @@ A figure on images from the renderer a model trained on proves fit, not generali
 lamp and glass are never the renderer's. So for each style the models train on the other styles'
 images and are judged on an independent set (another seed) of the style they never saw, through the
 serving pipeline at the bundle's own calibrated threshold. ``OUT/loso.md`` is the table,
-``OUT/loso.json`` every figure.
+``OUT/loso.json`` every figure, of every fold written to ``OUT`` (folds run in parallel with ``--left-out``
+share one table).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from station.core.atomic import write_text_atomic
 from station.core.report_format import num, pct
 from station.errors import ConfigError
 
@@ -153,10 +155,25 @@ def _judge_adapted(plan: LosoPlan, style: str, model: Path, items: list[Any]) ->
 
 
 def _write(plan: LosoPlan, rows: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> None:
-    plan.out.mkdir(parents=True, exist_ok=True)
-    record = {"plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(plan).items()},
-              "results": [{"left_out": s, "trained_on": list(t), "figures": f} for s, t, f in rows]}
-    (plan.out / "loso.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    (plan.out / LOSO_FILE).write_text(table(rows), encoding="utf-8")
+    """Each fold's figures in ``OUT/folds/<style>.json``; ``loso.json`` and ``loso.md`` from every fold there.
 
-
+    Folds run in parallel (``--left-out``, one process each) into one ``--out``: each writes its own fold's
+    file, then the table of all the folds written so far, so the last to finish leaves the whole table.
+    """
+    folds = plan.out / "folds"
+    folds.mkdir(parents=True, exist_ok=True)
+    plan_record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(plan).items()}
+    for style, trained_on, figures in rows:
+        # Each fold keeps the plan it ran under: a fold of an earlier run in the same folder says how it was made.
+        record = {"left_out": style, "trained_on": list(trained_on), "plan": plan_record, "figures": figures}
+        write_text_atomic(folds / f"{style}.json", json.dumps(record, indent=2, default=str))
+    done = {}
+    for path in folds.glob("*.json"):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        done[record["left_out"]] = record
+    order = [s for s in plan.styles if s in done] + sorted(s for s in done if s not in plan.styles)
+    results = [done[s] for s in order]
+    write_text_atomic(plan.out / "loso.json", json.dumps({"plan": plan_record, "results": results}, indent=2,
+                                                         default=str))
+    write_text_atomic(plan.out / LOSO_FILE, table([(r["left_out"], tuple(r["trained_on"]), r["figures"])
+                                                   for r in results]))
