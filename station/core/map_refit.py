@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,8 +74,17 @@ def write_features(root: Path, mc: MapClassifierManifest, x: np.ndarray, labels:
     path.write_text(json.dumps(record), encoding="utf-8")
 
 
-def read_features(root: Path, mc: MapClassifierManifest) -> tuple[np.ndarray, list[str]] | None:
-    """The training features and labels kept with the bundle; None for a bundle made before they were kept."""
+class KeptFeatures(NamedTuple):
+    """The map classifier's training features as the bundle keeps them: one row, label and image each."""
+
+    x: np.ndarray
+    labels: list[str]
+    images: list[str]
+
+
+def read_features(root: Path, mc: MapClassifierManifest) -> KeptFeatures | None:
+    """The training features, labels and images kept with the bundle; None for a bundle made before they were
+    kept."""
     path = root / FEATURES_FILE
     if not path.is_file():
         return None
@@ -83,13 +92,14 @@ def read_features(root: Path, mc: MapClassifierManifest) -> tuple[np.ndarray, li
         record = json.loads(path.read_text(encoding="utf-8"))
         x = np.asarray(record["features"], np.float64)
         labels = [str(v) for v in record["labels"]]
+        images = [str(v) for v in record.get("images") or []]
     except (ValueError, KeyError, TypeError) as exc:
         raise BundleError(f"{path}: not the map classifier's training features ({exc})") from exc
     if record.get("feature_set") != mc.feature_set or record.get("threshold") != mc.threshold \
             or x.ndim != 2 or x.shape[0] != len(labels) or x.shape[1] != len(mc.mean):
         raise BundleError(f"{path}: the features kept do not match decision.map_classifier "
                           f"({mc.feature_set}, unit {mc.threshold}, {len(mc.mean)} features); retrain the bundle")
-    return x, labels
+    return KeptFeatures(x, labels, images)
 
 
 def refit_with_line_good(mc: MapClassifierManifest, train_x: np.ndarray, train_labels: list[str],

@@ -159,7 +159,7 @@ def recalibrate(bundle: Bundle, frames: list[Frame], target_false_reject: float)
     if mc is not None and kept is not None:
         # The map classifier learns what this line's good bottles look like, in its training unit.
         decision = decision.model_copy(update={"map_classifier": refit_with_line_good(
-            mc, *kept, line_map_features(pipeline, verdicts, mc), m.classes, GOOD, stamp)})
+            mc, kept.x, kept.labels, line_map_features(pipeline, verdicts, mc), m.classes, GOOD, stamp)})
     drift = m.drift
     passing = [x for x in scores if x <= threshold]
     if drift is not None and len(passing) >= MIN_REFERENCE:

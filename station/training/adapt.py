@@ -38,10 +38,10 @@ from station.core.map_refit import FEATURES_FILE, fit_manifest, read_features, w
 from station.core.pipeline import Pipeline
 from station.core.preprocess import Lighting, agreed_lighting
 from station.errors import ConfigError, DatasetError
-from station.tools.calibrate import SCORES_FILE, choose_threshold, write_scores
+from station.tools.calibrate import SCORES_FILE, write_scores
 from station.tools.drift_reference import drift_reference
 from station.training.anomaly_model import fit_anomaly_model
-from station.training.crossfit import threshold_confidence
+from station.training.crossfit import crossfit_threshold
 from station.training.data import fingerprint, load_inputs
 from station.training.decision import classifier_support
 from station.training.export import INPUT_NAME, check_parity, export_onnx
@@ -103,7 +103,6 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
     if kept is None:
         raise ConfigError(f"{opts.model}: the bundle keeps no map classifier training features ({FEATURES_FILE}); "
                           "it was trained before they were kept: retrain it")
-    train_x, train_labels = kept
     paths = _line_good(opts.good)
     if len(paths) < RECOMMENDED_GOOD:
         say(f"warning: {len(paths)} good bottles in {opts.good}, under {RECOMMENDED_GOOD}: the autoencoder, its "
@@ -142,9 +141,8 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
     parity = check_parity(fit.export, tmp / ae.file, (INPUT_NAME,), "anomaly_map", (x_ae[:4],), atol=1e-2)
     say(f"exported ONNX; max |torch − ONNX Runtime|: autoencoder {parity:.1e}")
 
-    unit, _ = choose_threshold(scores, opts.target_false_reject)
-    threshold, method = choose_threshold(scores, opts.target_false_reject, threshold_confidence(len(scores)))
-    method = f"station adapt: cross-fitted over {opts.cross_fit_folds} folds; {method}"
+    unit, threshold, method = crossfit_threshold(scores, opts.target_false_reject, opts.cross_fit_folds)
+    method = f"station adapt: {method}"
     write_scores(tmp, scores, threshold, method, [p.relative_to(opts.good).as_posix() for p in paths])
     (tmp / "split.json").write_text(json.dumps(_split_record(opts.good, paths), indent=2), encoding="utf-8")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -161,18 +159,17 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
     # bottles `station train` fits the map classifier on are), in the new unit; the bundle's labelled
     # features are already relative to their own line's unit.
     good_x = map_feature_rows(tmp, paths, unit, mc.feature_set)
-    x = np.concatenate([train_x, good_x])
-    labels = train_labels + [GOOD] * len(paths)
+    x = np.concatenate([kept.x, good_x])
+    labels = kept.labels + [GOOD] * len(paths)
     y = np.asarray([m.classes.index(c) for c in labels])
     adapted_mc = fit_manifest(x, y, m.classes, mc.feature_set, unit,
-                              {"images": len(train_x), "line_good": len(paths), "refitted": f"station adapt {stamp}"})
-    write_features(tmp, adapted_mc, x, labels, [str(p) for p in _kept_images(source.root)] + [str(p) for p in paths])
-    say(f"map classifier: the bundle's {len(train_x)} labelled images and the line's {len(paths)} good bottles, "
+                              {"images": len(kept.x), "line_good": len(paths), "refitted": f"station adapt {stamp}"})
+    write_features(tmp, adapted_mc, x, labels, kept.images + [str(p) for p in paths])
+    say(f"map classifier: the bundle's {len(kept.x)} labelled images and the line's {len(paths)} good bottles, "
         f"training accuracy {adapted_mc.fit['training_accuracy']:.3f}")
 
-    counts = {str(k): int(v) for k, v in (training.get("counts") or {}).items()} or \
-        {c: labels.count(c) for c in m.classes}
-    support = classifier_support(scores, counts)
+    # The classifier's training images a class are the kept features' labels (station train fitted it on them).
+    support = classifier_support(scores, {c: kept.labels.count(c) for c in m.classes})
     decision = m.decision.model_copy(update={
         "map_classifier": adapted_mc, "classifier_min_anomaly": support.value,
         "classifier_min_anomaly_quantile": support.quantile, "classifier_min_anomaly_method": support.method})
@@ -205,8 +202,3 @@ def adapt_bundle(opts: AdaptOptions) -> Manifest:
     say(f"adapted: threshold {threshold:.5f} ({method}); total {seconds} s")
     return manifest
 
-
-def _kept_images(root: Path) -> list[str]:
-    record = json.loads((root / FEATURES_FILE).read_text(encoding="utf-8"))
-    images = record.get("images")
-    return [str(i) for i in images] if isinstance(images, list) else []

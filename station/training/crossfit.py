@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from station.tools.calibrate import CONFIDENCE
+from station.tools.calibrate import CONFIDENCE, choose_threshold
 
 M = TypeVar("M")
 
@@ -75,3 +75,15 @@ def cross_fit(n: int, folds: int, seed: int, train: Callable[[list[int], int], M
 def threshold_confidence(n_scores: int) -> float:
     """The tolerance bound's confidence for a threshold set on ``n_scores`` cross-fitted good scores."""
     return CROSS_FIT_CONFIDENCE if n_scores >= POINT_ESTIMATE_FROM else CONFIDENCE
+
+
+def crossfit_threshold(scores: list[float], target_false_reject: float, folds: int) -> tuple[float, float, str]:
+    """(unit, threshold, method) from cross-fitted good scores.
+
+    The threshold's confidence follows ``threshold_confidence``; the map classifier's unit is the 95 % bound
+    whatever the decision threshold: a scale for its features, the one the classifier was developed and
+    measured in (docs/models.md, "The map classifier").
+    """
+    unit, _ = choose_threshold(scores, target_false_reject)
+    threshold, method = choose_threshold(scores, target_false_reject, threshold_confidence(len(scores)))
+    return unit, threshold, f"cross-fitted over {folds} folds; {method}"

@@ -39,10 +39,10 @@ from station.core.pipeline import Pipeline
 from station.errors import DatasetError
 from station.service.replay import ReplayCollector
 from station.sources.folder import load_frame
-from station.tools.calibrate import CONFIDENCE, SCORES_FILE, anomaly_scores, choose_threshold, write_scores
+from station.tools.calibrate import SCORES_FILE, anomaly_scores, choose_threshold, write_scores
 from station.tools.drift_reference import drift_reference
 from station.training.classifier import served_probabilities, train_classifier
-from station.training.crossfit import threshold_confidence
+from station.training.crossfit import crossfit_threshold
 from station.training.data import Split, fingerprint
 from station.training.decision import classifier_support, fit_temperature
 from station.training.export import INPUT_NAME, check_parity, export_onnx
@@ -152,14 +152,11 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         # Calibrate with the serving code itself, on good images neither model trained on.
         cal_items = split.calibration
         cal_scores = anomaly_scores(Pipeline(load_bundle(tmp)), _frames(cal_items, root))
-    # The map classifier's unit is the 95 % bound whatever the decision threshold: a scale for its features,
-    # the one the classifier was developed and measured in (docs/models.md, "The map classifier").
-    unit, _ = choose_threshold(cal_scores, opts.target_false_reject)
-    threshold, method = choose_threshold(
-        cal_scores, opts.target_false_reject,
-        threshold_confidence(len(cal_scores)) if p.crossfit is not None else CONFIDENCE)
     if p.crossfit is not None:
-        method = f"cross-fitted over {opts.cross_fit_folds} folds; {method}"
+        unit, threshold, method = crossfit_threshold(cal_scores, opts.target_false_reject, opts.cross_fit_folds)
+    else:
+        threshold, method = choose_threshold(cal_scores, opts.target_false_reject)
+        unit = threshold
     write_scores(tmp, cal_scores, threshold, method, [i.path.relative_to(root).as_posix() for i in cal_items])
     (tmp / "split.json").write_text(json.dumps(_split_record(split, root), indent=2), encoding="utf-8")
 
