@@ -62,10 +62,32 @@ def test_v2_tells_a_chip_showing_the_background_from_a_foreign_speck() -> None:
     chip[0, :, 80:92, 72:88] = 0.05  # the background's grey
     speck[0, :, 80:92, 72:88] = np.array([0.9, 0.1, 0.1], np.float32)[:, None, None]  # red, on no good mouth
     names = ["closest_over_own", "own_distance", "shift", "abs_shift"]
-    f_chip = dict(zip(names, map_features(m, 40.0, 10.0, chip)[-4:], strict=True))
-    f_speck = dict(zip(names, map_features(m, 40.0, 10.0, speck)[-4:], strict=True))
+    f_chip = dict(zip(names, map_features(m, 40.0, 10.0, chip, "map-v2")[-4:], strict=True))
+    f_speck = dict(zip(names, map_features(m, 40.0, 10.0, speck, "map-v2")[-4:], strict=True))
     assert f_chip["closest_over_own"] < 0.1 < 0.5 < f_speck["closest_over_own"]
     assert f_chip["shift"] > 0.2  # the background lies outside the rim
+
+
+def test_v3_tells_glass_missing_at_the_lips_edge_from_matter_lying_on_the_lip() -> None:
+    """A chip takes glass away from the rim's outer edge inward, so along its angles the view departs from the
+    mouth's profile at that edge; a blob of the same size on the middle of the lip leaves both edges as they are.
+    The map is the same for both: only the view tells them apart."""
+    m = _map(slice(40, 46), slice(50, 57), 40.0)  # half-resolution bins 50-56: the outer half of the lip
+    good = np.empty((1, 3, 512, 128), np.float32)
+    good[..., :64], good[..., 64:118], good[..., 118:] = 0.3, 0.8, 0.05  # opening, lip to the rim at 1.08, belt
+    chip, blob = good.copy(), good.copy()
+    chip[0, :, 80:92, 100:118] = 0.05  # the belt seen through the gap, from the rim inward
+    blob[0, :, 80:92, 84:100] = 0.05  # as dark, with glass on both sides of it
+    names = ["starts", "stops_short", "at_outer", "at_inner", "at_either", "across"]
+    f_chip = dict(zip(names, map_features(m, 40.0, 10.0, chip)[-6:], strict=True))
+    f_blob = dict(zip(names, map_features(m, 40.0, 10.0, blob)[-6:], strict=True))
+    assert f_chip["at_outer"] > 0.9 and f_chip["at_either"] > 0.9 and f_chip["at_inner"] == 0.0
+    assert f_blob["at_outer"] == f_blob["at_inner"] == f_blob["at_either"] == 0.0
+    assert f_chip["across"] > f_blob["across"] > 0.0
+    # the lip's inner edge is found on the profile (bin 64), the outer one where the view's reach puts the rim
+    assert abs(f_chip["starts"] - (100 - 64) / (119 - 64)) < 0.05  # the map's region starts 0.65 of the lip in
+    # told that the view reaches 1.33 rim radii, the rim is at bin 96, where the blob lies
+    assert map_features(m, 40.0, 10.0, blob, radius_margin=128 / 96)[-4] > 0.9
 
 
 def test_the_fit_learns_what_separates_the_classes() -> None:
@@ -96,7 +118,7 @@ def test_a_trained_bundle_serves_the_map_classifier(bundle: Path, eval_root: Pat
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     mc = manifest["decision"]["map_classifier"]
     assert manifest["decision"]["classes_from"] == "map"
-    assert mc["feature_set"] == "map-v2" and mc["fit"]["images"] > 0
+    assert mc["feature_set"] == "map-v3" and mc["fit"]["images"] > 0
     assert np.asarray(mc["weights"]).shape == (len(mc["mean"]), len(manifest["classes"]))
 
     inspector = Inspector(load_bundle(bundle))
@@ -144,7 +166,7 @@ def test_a_bundle_that_names_the_map_classifier_must_carry_one(bundle: Path, tmp
     proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))
     assert proc.returncode == 2
     assert "map-v0" in proc.stderr and "retrain" in proc.stderr
-    manifest["decision"]["map_classifier"]["feature_set"] = "map-v1"  # 28 features, the weights are for 34
+    manifest["decision"]["map_classifier"]["feature_set"] = "map-v1"  # 28 features, the weights are for 40
     (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     proc = run_station("replay", "--model", str(copy), "--source", str(tmp_path))
     assert proc.returncode == 2

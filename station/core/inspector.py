@@ -101,7 +101,8 @@ class Inspector:
         """(n_classes,) the map classifier's probabilities (station/core/map_classifier.py)."""
         assert self._map is not None
         unit, feature_set, fitted = self._map
-        features = map_classifier.map_features(smoothed, score, unit, inputs.autoencoder, feature_set)
+        features = map_classifier.map_features(smoothed, score, unit, inputs.autoencoder, feature_set,
+                                               self.preprocess_spec.radius_margin)
         out: np.ndarray = map_classifier.map_probabilities(features, *fitted)
         return out
 

@@ -74,7 +74,7 @@ def line_map_features(pipeline: Pipeline, verdicts: list[Verdict], mc: MapClassi
         assert image is not None  # inspected, so loaded
         scores = _scores(verdict)
         rows.append(map_features(scores.anomaly_map, scores.anomaly_score, mc.threshold,
-                                 preprocess(image, spec).autoencoder, mc.feature_set))
+                                 preprocess(image, spec).autoencoder, mc.feature_set, spec.radius_margin))
     return np.stack(rows)
 
 

@@ -31,7 +31,7 @@ def map_feature_rows(bundle_root: Path, paths: list[Path], unit: float, feature_
     for path in paths:
         inputs = load_inputs(path, spec)
         _, smoothed, score = inspector.anomaly(inputs)
-        rows.append(map_features(smoothed, score, unit, inputs.autoencoder, feature_set))
+        rows.append(map_features(smoothed, score, unit, inputs.autoencoder, feature_set, spec.radius_margin))
     return np.stack(rows)
 
 
