@@ -26,7 +26,7 @@ and judged on the rest (30 random splits), it names 95.1 % right against map-v1'
 in from the rim's outer edge (or out from the inner one), so at its angles the view departs from the mouth's
 profile right at that edge. Matter lying on the lip or in the opening leaves both edges as they are at every
 other angle, however dark it is; map-v2's colour test cannot tell a dark blob from the dark belt seen through
-a gap. Six numbers, about 1.5 ms a frame (docs/models.md has the figures).
+a gap. Seven numbers, about 1.5 ms a frame (docs/models.md has the figures).
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
     at its own resolution, at the angles the map's region covers (weighted by the map there). Returns how far
     in from the inner edge the region starts and how far short of the outer edge it ends (in lip widths), the
     weighted share of its angles whose view departs at the outer edge, at the inner edge and at either (a
-    linear fit cannot make "either" of the two), and the share of the lip's width that departs along them.
+    linear fit cannot make "either" of the two), the share of the lip's width that departs along them, and
+    the arc the edges are broken over (log of 1 + degrees: the chip's width measured on the view itself, not
+    on the smoothed half-resolution map).
     """
     angles, radii = s.shape
     rows = np.nonzero(m.any(axis=1))[0]
