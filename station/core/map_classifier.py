@@ -26,7 +26,7 @@ and judged on the rest (30 random splits), it names 95.1 % right against map-v1'
 in from the rim's outer edge (or out from the inner one), so at its angles the view departs from the mouth's
 profile right at that edge. Matter lying on the lip or in the opening leaves both edges as they are at every
 other angle, however dark it is; map-v2's colour test cannot tell a dark blob from the dark belt seen through
-a gap. Seven numbers, about 1.5 ms a frame (docs/models.md has the figures).
+a gap. Six numbers, about 1.5 ms a frame (docs/models.md has the figures).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 #: the feature list training fits; a bundle records the one it was fitted on and is served with it
 FEATURE_SET = "map-v3"
 #: every feature list this station computes, and how many numbers each gives
-FEATURE_COUNTS = {"map-v1": 28, "map-v2": 34, "map-v3": 41}
+FEATURE_COUNTS = {"map-v1": 28, "map-v2": 34, "map-v3": 40}
 #: the polar view's reach in rim radii when the caller does not say (station/training/prepare.py's RADIUS_MARGIN)
 DEFAULT_RADIUS_MARGIN = 1.08
 #: a view pixel departs from the mouth's radial profile when its distance to it is this many times the typical
@@ -55,7 +55,7 @@ def _region_shape(m: np.ndarray, weights: np.ndarray, radius: np.ndarray) -> lis
     """Size, angular and radial extent, radial centre, innermost and outermost radius, pieces."""
     rows, cols = m.any(axis=1), m.any(axis=0)
     if not cols.any():
-        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     total = float(weights.sum()) + 1e-6
     pieces, _ = cv2.connectedComponents(m.astype(np.uint8))
     return [float(np.log1p(m.sum())), float(rows.mean()), float(cols.mean()),
@@ -130,14 +130,12 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
     at its own resolution, at the angles the map's region covers (weighted by the map there). Returns how far
     in from the inner edge the region starts and how far short of the outer edge it ends (in lip widths), the
     weighted share of its angles whose view departs at the outer edge, at the inner edge and at either (a
-    linear fit cannot make "either" of the two), the share of the lip's width that departs along them, and
-    the arc the edges are broken over (log of 1 + degrees: the chip's width measured on the view itself, not
-    on the smoothed half-resolution map).
+    linear fit cannot make "either" of the two), and the share of the lip's width that departs along them.
     """
     angles, radii = s.shape
     rows = np.nonzero(m.any(axis=1))[0]
     if len(rows) == 0:
-        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     v = np.asarray(view, np.float32)
     view_angles, view_radii = v.shape[1:]
     # The profile and the typical departure from it, from every PROFILE_STRIDE-th angle: a median over a
@@ -163,8 +161,7 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
     across = departs[:, max(inner - 2, 0):min(outer + 2, view_radii)].mean(axis=1)
     return [float(np.clip(starts, -1.0, 2.0)), float(np.clip(stops_short, -1.0, 2.0)),
             float((weights * at_outer).sum()), float((weights * at_inner).sum()),
-            float((weights * (at_outer | at_inner)).sum()), float((weights * across).sum()),
-            float(np.log1p((at_outer | at_inner).sum() / view_angles * 360.0))]
+            float((weights * (at_outer | at_inner)).sum()), float((weights * across).sum())]
 
 
 def map_features(smoothed: np.ndarray, score: float, threshold: float, view: np.ndarray | None = None,
