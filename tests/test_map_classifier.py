@@ -48,6 +48,9 @@ def test_features_are_in_units_of_the_threshold() -> None:
         assert a.shape == (FEATURE_COUNTS[feature_set],)
         assert np.allclose(a, map_features(2 * m, 50.0, 16.0, _view(), feature_set))
         assert not np.allclose(a, map_features(m, 25.0, 16.0, _view(), feature_set))
+        # a map with no anomalous region at all (an all-black map) gives as many numbers, all finite
+        empty = map_features(np.zeros_like(m), 0.0, 8.0, _view(), feature_set)
+        assert empty.shape == a.shape and np.isfinite(empty).all()
     with pytest.raises(ValueError, match="calibrated anomaly threshold"):
         map_features(m, 25.0, float("inf"), _view())
     with pytest.raises(ValueError, match="need the polar view"):

@@ -55,7 +55,7 @@ def _region_shape(m: np.ndarray, weights: np.ndarray, radius: np.ndarray) -> lis
     """Size, angular and radial extent, radial centre, innermost and outermost radius, pieces."""
     rows, cols = m.any(axis=1), m.any(axis=0)
     if not cols.any():
-        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     total = float(weights.sum()) + 1e-6
     pieces, _ = cv2.connectedComponents(m.astype(np.uint8))
     return [float(np.log1p(m.sum())), float(rows.mean()), float(cols.mean()),
