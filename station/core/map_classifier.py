@@ -34,12 +34,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from station.core.preprocess import RADIUS_MARGIN
+
 #: the feature list training fits; a bundle records the one it was fitted on and is served with it
 FEATURE_SET = "map-v3"
 #: every feature list this station computes, and how many numbers each gives
 FEATURE_COUNTS = {"map-v1": 28, "map-v2": 34, "map-v3": 40}
-#: the polar view's reach in rim radii when the caller does not say (station/training/prepare.py's RADIUS_MARGIN)
-DEFAULT_RADIUS_MARGIN = 1.08
 #: a view pixel departs from the mouth's radial profile when its distance to it is this many times the typical
 #: distance at its radius, and the lip's edge is touched when such a pixel lies this many bins from it
 LIP_DEPARTURE = 3.0
@@ -132,10 +132,9 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
     weighted share of its angles whose view departs at the outer edge, at the inner edge and at either (a
     linear fit cannot make "either" of the two), and the share of the lip's width that departs along them.
     """
-    angles, radii = s.shape
-    rows = np.nonzero(m.any(axis=1))[0]
-    if len(rows) == 0:
+    if not m.any():
         return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    angles, radii = s.shape
     v = np.asarray(view, np.float32)
     view_angles, view_radii = v.shape[1:]
     # The profile and the typical departure from it, from every PROFILE_STRIDE-th angle: a median over a
@@ -149,12 +148,12 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
     stops_short = (outer - (cols.max() + 1) * view_radii / radii) / width
     sampled = np.linalg.norm(sample - profile[:, None, :], axis=0)  # (angles / stride, radii)
     typical = np.median(sampled, axis=0) + max(float(np.median(sampled)), 1e-3)
-    # the view's angles under each of the region's map rows, weighted by the map's mass on that row
-    bounds = np.arange(angles + 1) * view_angles // angles
-    view_rows = np.concatenate([np.arange(bounds[r], bounds[r + 1]) for r in rows])
-    weights = np.repeat(s[rows].sum(axis=1), bounds[rows + 1] - bounds[rows])
+    # the view's angles under the region's map rows, each weighted by the map's mass on its row
+    map_row = np.arange(view_angles) * angles // view_angles
+    under = m.any(axis=1)[map_row]
+    weights = s.sum(axis=1)[map_row][under]
     weights = weights / (weights.sum() + 1e-12)
-    departs = np.linalg.norm(v[:, view_rows] - profile[:, None, :], axis=0) / typical > LIP_DEPARTURE
+    departs = np.linalg.norm(v[:, under] - profile[:, None, :], axis=0) / typical > LIP_DEPARTURE
     e = LIP_EDGE_BINS
     at_outer = departs[:, max(outer - e, 0):outer + e].any(axis=1)
     at_inner = departs[:, max(inner - e, 0):inner + e].any(axis=1)
@@ -165,7 +164,7 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
 
 
 def map_features(smoothed: np.ndarray, score: float, threshold: float, view: np.ndarray | None = None,
-                 feature_set: str = FEATURE_SET, radius_margin: float = DEFAULT_RADIUS_MARGIN) -> np.ndarray:
+                 feature_set: str = FEATURE_SET, radius_margin: float = RADIUS_MARGIN) -> np.ndarray:
     """(n_features,) float64 description of the anomalous region(s) of one bottle's smoothed polar map.
 
     Rows of ``smoothed`` are angles, columns radii from the centre out; ``score`` is the bottle's

@@ -32,6 +32,9 @@ import numpy as np
 from station.errors import FrameError
 
 MIN_SIDE = 64
+#: the polar view reaches this multiple of the located rim radius (what `station train` records as
+#: view.radius_margin; a bundle is always served with its own)
+RADIUS_MARGIN = 1.08
 _LOCATE_SIDE = 225  # the gray view the mouth is located in (4× below canonical 900)
 NO_BOTTLE = "no_bottle_found"
 

@@ -9,13 +9,13 @@ from typing import Literal
 
 import torch
 
+from station.core.preprocess import RADIUS_MARGIN as RADIUS_MARGIN
 from station.core.preprocess import Lighting
 from station.errors import DatasetError
 
 CANONICAL_SIZE = 900
 ANGLE_BINS = 512
 RADIUS_BINS = 128
-RADIUS_MARGIN = 1.08
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The image score: the mean of the top 4 bins of the 256 × 64 map after a σ = 0.5 Gaussian. A stain
