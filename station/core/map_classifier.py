@@ -150,7 +150,7 @@ def _region_against_lip(s: np.ndarray, m: np.ndarray, view: np.ndarray, radius_m
     typical = np.median(sampled, axis=0) + max(float(np.median(sampled)), 1e-3)
     # the view's angles under the region's map rows, each weighted by the map's mass on its row
     map_row = np.arange(view_angles) * angles // view_angles
-    under = m.any(axis=1)[map_row]
+    under: np.ndarray = np.asarray(m.any(axis=1))[map_row]
     weights = s.sum(axis=1)[map_row][under]
     weights = weights / (weights.sum() + 1e-12)
     departs = np.linalg.norm(v[:, under] - profile[:, None, :], axis=0) / typical > LIP_DEPARTURE
