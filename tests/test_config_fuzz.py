@@ -24,7 +24,7 @@ VALID: list[dict[str, Any]] = [
      "metrics": {"listen": "127.0.0.1:9108"},
      "archive": {"path": "rejects", "max_count": 100, "max_age_days": 7.0},
      "inference": {"backend": "auto", "precision": "fp16", "workers": 0, "queue_size": 8},
-     "decision": {"class_confidence": 0.5, "anomaly_threshold": 5.0},
+     "decision": {"class_confidence": 0.5, "anomaly_threshold": 5.0, "defect_rule": "top_class"},
      "output": {"jsonl": "v.jsonl"}, "log_level": "info"},
     {"station_id": "cam2", "model": "/opt/station/models/current",
      "source": {"kind": "pylon", "serial": "0815", "pixel_format": "BayerRG8", "exposure_us": 200.0,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from station.core.decide import FAIL, PASS, REASON_ANOMALY, REASON_DEFECT_CLASS, Policy, decide
+from station.core.defect_rule import DEFECT_SUM
 from station.core.folders import BOTTLE_CLASSES
 from station.core.inspector import Scores
 from station.core.preprocess import Mouth
@@ -93,3 +94,36 @@ def test_a_tie_goes_to_the_first_class_and_good_never_fails_by_class() -> None:
 def test_a_confidence_of_one_fails_and_a_threshold_above_one_never_fails_by_class() -> None:
     assert decide(_scores((0.0, 0.0, 0.0, 1.0), 0.0), _policy(class_confidence=1.0)).reasons == [REASON_DEFECT_CLASS]
     assert decide(_scores((0.0, 0.0, 0.0, 1.0), 0.0), _policy(class_confidence=1.01)).verdict == PASS
+
+
+def _sum_policy(class_confidence: float = 0.5, min_anomaly: float = 0.0) -> Policy:
+    return Policy(classes=BOTTLE_CLASSES, class_confidence=class_confidence, anomaly_threshold=THRESHOLD,
+                  canonical_size=SIZE, radius_margin=1.08, classifier_min_anomaly=min_anomaly,
+                  defect_rule=DEFECT_SUM)
+
+
+# A faint defect the classifier spreads over two defect classes, each under the confidence.
+SPREAD = (0.2, 0.35, 0.3, 0.15)
+
+
+def test_defect_sum_fails_a_bottle_its_defect_classes_share_and_names_the_likeliest() -> None:
+    top = decide(_scores(SPREAD, 0.0), _policy())
+    assert (top.verdict, top.label) == (PASS, "broken_large")  # 0.35 is under 0.5: reported, not acted on
+    d = decide(_scores(SPREAD, 0.0), _sum_policy())
+    assert (d.verdict, d.reasons, d.label) == (FAIL, [REASON_DEFECT_CLASS], "broken_large")
+    assert d.confidence == pytest.approx(0.35)  # the named class's own probability, as under top_class
+    assert decide(_scores(SPREAD, 0.0), _sum_policy(class_confidence=0.85)).verdict == PASS  # 0.8 under 0.85
+
+
+def test_defect_sum_names_good_when_good_outweighs_the_defects_together() -> None:
+    d = decide(_scores((0.45, 0.5, 0.05, 0.0), 0.0), _sum_policy())
+    assert (d.verdict, d.label) == (FAIL, "broken_large")  # as top_class would
+    d = decide(_scores((0.55, 0.4, 0.05, 0.0), 0.0), _sum_policy(class_confidence=0.3))
+    assert (d.verdict, d.reasons, d.label) == (PASS, [], "good")  # 0.45 is over 0.3, but good is likelier
+    d = decide(_scores((0.5, 0.0, 0.25, 0.25), 0.0), _sum_policy())
+    assert (d.verdict, d.label) == (FAIL, "broken_small")  # a tie is a defect: the sum reaches 0.5
+
+
+def test_defect_sum_needs_the_anomaly_checks_support_too() -> None:
+    assert decide(_scores(SPREAD, 1.9), _sum_policy(min_anomaly=2.0)).verdict == PASS
+    assert decide(_scores(SPREAD, 2.0), _sum_policy(min_anomaly=2.0)).reasons == [REASON_DEFECT_CLASS]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from station.core import parallelism
 from station.core.bundle import load_bundle
 from station.core.decide import FAIL, PASS, REASON_ANOMALY, REASON_DEFECT_CLASS, Policy, decide
+from station.core.defect_rule import DEFECT_SUM, TOP_CLASS
 from station.core.folders import BOTTLE_CLASSES
 from station.core.inspector import Scores, temper
 from station.core.pipeline import Pipeline
 from station.core.preprocess import Mouth
+from station.service.config import load_config
+from station.service.runner import build_pipeline
 from station.sources.folder import load_frame
 from station.training.decision import TRUSTED_PER_CLASS, classifier_support, fit_temperature
 from tests.conftest import run_station
@@ -111,3 +116,33 @@ def test_the_bundles_support_changes_verdicts_and_config_overrides_it(bundle: Pa
     unsupported = defect_class_fails(0.0)
     assert unsupported > 0  # the classifier names some defect in this set
     assert unsupported >= defect_class_fails(None) >= defect_class_fails(1e9) == 0
+
+
+def test_new_bundles_decide_on_the_defect_classes_sum_older_ones_and_station_yaml_may_keep_the_top_class(
+        bundle: Path, eval_root: Path, tmp_path: Path) -> None:
+    assert load_bundle(bundle).manifest.decision.defect_rule == DEFECT_SUM
+    older = tmp_path / "older"
+    shutil.copytree(bundle, older)
+    manifest = yaml.safe_load((older / "manifest.yaml").read_text())
+    del manifest["decision"]["defect_rule"]  # as bundles before the field was written
+    (older / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    assert load_bundle(older).manifest.decision.defect_rule == TOP_CLASS
+
+    config = tmp_path / "station.yaml"
+    config.write_text(yaml.safe_dump({"station_id": "t", "model": str(bundle),
+                                      "source": {"kind": "folder", "path": str(tmp_path / "in")},
+                                      "decision": {"defect_rule": "top_class"}}))
+    pipelines = {"new": Pipeline(load_bundle(bundle)), "older": Pipeline(load_bundle(older)),
+                 "station.yaml": build_pipeline(load_config(config), parallelism.plan(1, 1))}
+    assert {k: p.policy.defect_rule for k, p in pipelines.items()} == {
+        "new": DEFECT_SUM, "older": TOP_CLASS, "station.yaml": TOP_CLASS}
+    for i, path in enumerate(sorted(eval_root.rglob("*.png"))[:6]):
+        named = {k: p.process(load_frame(path, i, eval_root, "test", None)).decision for k, p in pipelines.items()}
+        probs = {k: d.scores for k, d in named.items() if d is not None}
+        assert len(probs) == 3, path
+        p = probs["new"]
+        defects = {c: v for c, v in p.items() if c != "good"}
+        hierarchical = "good" if p["good"] > sum(defects.values()) else max(defects, key=lambda c: defects[c])
+        assert named["new"] is not None and named["new"].label == hierarchical
+        assert named["older"] is not None and named["older"].label == max(p, key=lambda c: p[c])
+        assert named["station.yaml"] is not None and named["station.yaml"].label == named["older"].label

@@ -17,6 +17,7 @@ import pytest
 
 from station.contract.counters import Counters
 from station.service.publish import VerdictPublisher
+from station.ui.live import compact
 from station.ui.reviews import ReviewStore
 from station.ui.whatif import Rule, decide
 from tests.conftest import free_endpoint, run_station
@@ -146,12 +147,28 @@ def test_whatif_rule_is_the_stations() -> None:
     assert decide(row, Rule(0.05)) == "fail"
     defect = {**row, "label": "contamination", "reasons": ["defect_class"], "score": 0.01, "confidence": 0.6}
     assert decide(defect, Rule(1.0)) == "fail"  # the class check as the station made it
-    assert decide(defect, Rule(1.0, class_confidence=0.7)) == "pass"
-    assert decide(defect, Rule(1.0, class_confidence=0.5)) == "fail"
+    assert decide(defect, Rule(1.0, class_confidence=0.7, defect_rule="top_class")) == "pass"
+    assert decide(defect, Rule(1.0, class_confidence=0.5, defect_rule="top_class")) == "fail"
     # the classifier alone needs the anomaly check's support (station/core/decide.py): 0.01 is under 0.02
-    assert decide(defect, Rule(1.0, class_confidence=0.5, classifier_min_anomaly=0.02)) == "pass"
-    assert decide(defect, Rule(1.0, class_confidence=0.5, classifier_min_anomaly=0.01)) == "fail"
+    assert decide(defect, Rule(1.0, 0.5, classifier_min_anomaly=0.02, defect_rule="top_class")) == "pass"
+    assert decide(defect, Rule(1.0, 0.5, classifier_min_anomaly=0.01, defect_rule="top_class")) == "fail"
     assert decide({**row, "error": "unreadable_image", "score": None}, Rule(99.0)) == "fail"
+
+
+def test_whatif_defect_sum_weighs_the_defect_classes_of_the_published_scores_together() -> None:
+    message = {"verdict": "pass", "reasons": [], "anomaly": {"score": 0.01},
+               "class": {"label": "broken_large", "confidence": 0.35,
+                         "scores": {"good": 0.2, "broken_large": 0.35, "broken_small": 0.3, "contamination": 0.15}}}
+    row = compact(message)
+    assert row["good_probability"] == 0.2 and row["defect_probability"] == pytest.approx(0.8)
+    assert decide(row, Rule(1.0, class_confidence=0.5)) == "fail"  # defect_sum, the default: 0.8 ≥ 0.5
+    assert decide(row, Rule(1.0, class_confidence=0.5, defect_rule="top_class")) == "pass"  # 0.35 < 0.5
+    assert decide(row, Rule(1.0, class_confidence=0.85)) == "pass"
+    good = compact({**message, "class": {"label": "good", "confidence": 0.6,
+                                         "scores": {"good": 0.6, "broken_large": 0.4, "broken_small": 0.0,
+                                                    "contamination": 0.0}}})
+    assert decide(good, Rule(1.0, class_confidence=0.3)) == "pass"  # named good: P(good) outweighs the defects
+    assert decide(compact({**message, "class": None}), Rule(1.0, class_confidence=0.01)) == "pass"
 
 
 def test_drift_gaps_and_counters_from_a_real_publisher(tmp_path: Path) -> None:
@@ -198,6 +215,26 @@ def test_drift_gaps_and_counters_from_a_real_publisher(tmp_path: Path) -> None:
         summary = ui.wait("silence noticed", lambda s: s["contact"]["lost"], timeout_s=15)
         assert any(b["kind"] == "lost" for b in summary["banners"])
     finally:
+        ui.close()
+
+
+def test_whatif_api_takes_the_defect_rule_and_refuses_an_unknown_one() -> None:
+    endpoint = free_endpoint()
+    publisher = VerdictPublisher(endpoint, "line1", "run-a")
+    ui = UiProcess(endpoint)
+    try:
+        ui.wait("the welcome", lambda s: publisher.service() or s["run_id"] == "run-a")
+        # broken_large at 0.35 and 0.217 for each other class: it passed, the defect classes sum to 0.78
+        publisher.publish(fake_verdict(0, label="broken_large", confidence=0.35), None)
+        ui.wait("the verdict", lambda s: s["total"] == 1)
+        by_sum = ui.get_json("/api/whatif?threshold=1&class_confidence=0.5")
+        assert (by_sum["defect_rule"], by_sum["pass_to_fail"]) == ("defect_sum", 1)
+        by_top = ui.get_json("/api/whatif?threshold=1&class_confidence=0.5&defect_rule=top_class")
+        assert (by_top["defect_rule"], by_top["pass_to_fail"]) == ("top_class", 0)
+        status, body, _ = ui.request("GET", "/api/whatif?threshold=1&defect_rule=top")
+        assert status == 400 and b"defect_rule: top_class or defect_sum" in body
+    finally:
+        publisher.close()
         ui.close()
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from station.core.atomic import write_text_atomic
+from station.core.defect_rule import TOP_CLASS, DefectRule
 from station.core.folders import GOOD
 from station.core.map_classifier import FEATURE_COUNTS
 from station.core.preprocess import Lighting, Normalisation, PreprocessSpec, Sampling
@@ -143,6 +144,9 @@ class DecisionManifest(_Strict):
     classes_from: ClassSource = "cnn"
     map_classifier: MapClassifierManifest | None = None
     class_confidence: float = Field(default=0.5, gt=0, le=1)
+    #: what fails a bottle by its class (station/core/decide.py): the top class (older bundles decide so) or
+    #: the defect classes' sum (bundles `station train` writes since 2026-12-08)
+    defect_rule: DefectRule = TOP_CLASS
     #: the classifier's probabilities are softened (T > 1) by this temperature, fitted on held-out
     #: images at training (1: as the network gives them; older bundles)
     temperature: float = Field(default=1.0, gt=0, le=100)

@@ -7,6 +7,7 @@ import time
 from station.core.backends import BackendSpec
 from station.core.bundle import Bundle
 from station.core.decide import PASS, Policy, decide
+from station.core.defect_rule import DefectRule
 from station.core.drift import DriftWatch, Sample, view_measures, watch_for
 from station.core.folders import GOOD
 from station.core.frame import Frame
@@ -35,6 +36,7 @@ class Pipeline:
         class_confidence: float | None = None,
         anomaly_threshold: float | None = None,
         classifier_min_anomaly: float | None = None,
+        defect_rule: DefectRule | None = None,
         drift_window: int | None = None,
     ) -> None:
         """``drift_window``: compare what the bundle was trained on with what this pipeline sees, over
@@ -50,6 +52,7 @@ class Pipeline:
             radius_margin=m.view.radius_margin,
             classifier_min_anomaly=(classifier_min_anomaly if classifier_min_anomaly is not None
                                     else m.decision.classifier_min_anomaly),
+            defect_rule=defect_rule if defect_rule is not None else m.decision.defect_rule,
         )
         self.model = {"name": m.name, "version": m.version}
         self.drift: DriftWatch | None = (

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from station.core.defect_rule import DefectRule
 from station.core.parallelism import Threads, Workers
 from station.core.validation import load_yaml_model
 from station.errors import ConfigError
@@ -83,6 +84,8 @@ class DecisionConfig(_Strict):
     anomaly_threshold: float | None = None
     #: the anomaly score the classifier alone needs to fail a bottle (None: the bundle's; 0: none)
     classifier_min_anomaly: float | None = Field(default=None, ge=0)
+    #: what fails a bottle by its class: top_class or defect_sum (None: the bundle's; station/core/decide.py)
+    defect_rule: DefectRule | None = None
 
 
 class InferenceConfig(_Strict):

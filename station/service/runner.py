@@ -47,7 +47,7 @@ def build_pipeline(config: StationConfig, plan: parallelism.Plan) -> Pipeline:
     pipeline = Pipeline(
         load_bundle(config.model), backend=backend,
         class_confidence=config.decision.class_confidence, anomaly_threshold=config.decision.anomaly_threshold,
-        classifier_min_anomaly=config.decision.classifier_min_anomaly,
+        classifier_min_anomaly=config.decision.classifier_min_anomaly, defect_rule=config.decision.defect_rule,
         drift_window=config.drift.window if config.drift.enabled else None,
     )
     pipeline.warm_up()

@@ -164,6 +164,7 @@ def metrics(result: EvaluationResult, pipeline: Pipeline) -> dict[str, Any]:
         "model": {"name": m.name, "version": m.version},
         "threshold": pipeline.policy.anomaly_threshold,
         "class_confidence": pipeline.policy.class_confidence,
+        "defect_rule": pipeline.policy.defect_rule,
         "images": len(result.cases),
         "unreadable": sum(1 for c in result.cases if c.error),
         **report,
@@ -284,7 +285,7 @@ def write_report(result: EvaluationResult, figures: dict[str, Any], out: Path, w
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>
 <h1>Evaluation of {html.escape(figures['model']['name'])} {html.escape(figures['model']['version'])}</h1>
 <p>{figures['images']} images ({figures['unreadable']} unreadable). Threshold {figures['threshold']:.4g},
-class confidence {figures['class_confidence']}.</p>
+class confidence {figures['class_confidence']} ({html.escape(figures['defect_rule'])}).</p>
 <table><tr><th>4-class accuracy</th><th>image AUROC</th><th>pixel AUROC</th><th>defective rejected</th>
 <th>good passed</th></tr><tr><td>{pct(figures['accuracy'])}</td><td>{num(figures['image_auroc'])}</td>
 <td>{num(figures['pixel_auroc'])}</td><td>{pct(figures['defects_rejected'])}</td>

@@ -32,6 +32,7 @@ from station.core.bundle import (
     load_bundle,
     write_manifest,
 )
+from station.core.defect_rule import DEFECT_SUM
 from station.core.folders import BOTTLE_CLASSES, GOOD, LabelledImage
 from station.core.frame import Frame
 from station.core.map_refit import FEATURES_FILE
@@ -138,7 +139,7 @@ def train_bundle(opts: TrainOptions) -> Manifest:
         },
         anomaly=AnomalyManifest(smoothing_sigma=SMOOTHING_SIGMA, top_k_fraction=TOP_K_FRACTION,
                                 mask_radius=MASK_RADIUS, threshold=float("inf"), threshold_method="uncalibrated"),
-        decision=DecisionManifest(class_confidence=0.5, temperature=temperature.value),
+        decision=DecisionManifest(class_confidence=0.5, defect_rule=DEFECT_SUM, temperature=temperature.value),
         files=checksums(tmp, ["classifier.onnx", "autoencoder.onnx"]),
     )
     write_manifest(tmp, manifest)

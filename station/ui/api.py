@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from station import __version__
 from station.contract.timefmt import iso_utc_ceil_ms, parse_instant
+from station.core.defect_rule import DEFECT_SUM, TOP_CLASS, DefectRule
 from station.ui.live import LiveState
 from station.ui.rejects import Reject, RejectIndex, matches
 from station.ui.reviews import CONFIRMED, FALSE_REJECT, OUTCOMES, Review, ReviewStore, defect_classes
@@ -173,6 +174,10 @@ class UiApp:
         support = _float(query, "classifier_min_anomaly")
         if support is not None and support < 0:
             raise ApiError(400, "classifier_min_anomaly: 0 or more")
+        defect_rule = query.get("defect_rule", DEFECT_SUM)
+        if defect_rule not in (TOP_CLASS, DEFECT_SUM):
+            raise ApiError(400, f"defect_rule: {TOP_CLASS} or {DEFECT_SUM}")
         n = _int(query, "n", 1000, 1, self.live.recent.maxlen or 1)
         assert threshold is not None
-        return evaluate(self.live.last_rows(n), self._reviews(), Rule(threshold, confidence, support or 0.0))
+        return evaluate(self.live.last_rows(n), self._reviews(),
+                        Rule(threshold, confidence, support or 0.0, cast(DefectRule, defect_rule)))

@@ -20,6 +20,7 @@ from typing import Any
 from station.bridges.feed import FeedEvent
 from station.contract.counters import Counters
 from station.contract.liveness import Liveness
+from station.core.folders import GOOD
 
 Row = dict[str, Any]
 
@@ -44,11 +45,19 @@ def compact(m: dict[str, Any]) -> Row:
     return {
         "seq": m.get("seq"), "run_id": m.get("run_id"), "frame_id": m.get("frame_id"),
         "verdict": m.get("verdict"), "reasons": list(m.get("reasons") or []),
-        "label": cls.get("label"), "confidence": cls.get("confidence"),
+        "label": cls.get("label"), "confidence": cls.get("confidence"), **_good_and_defect(cls.get("scores")),
         "score": anomaly.get("score"), "threshold": anomaly.get("threshold"),
         "latency_ms": latency.get("total"), "captured_at": m.get("captured_at"),
         "published_at": m.get("published_at"), "truth": m.get("truth"), "error": error.get("reason"),
     }
+
+
+def _good_and_defect(scores: Any) -> dict[str, float | None]:
+    """P(good) and the defect classes' sum, for the what-if's defect_sum rule (station/core/decide.py)."""
+    if not isinstance(scores, dict) or not isinstance(scores.get(GOOD), (int, float)):
+        return {"good_probability": None, "defect_probability": None}
+    return {"good_probability": float(scores[GOOD]),
+            "defect_probability": float(sum(float(p) for c, p in scores.items() if c != GOOD))}
 
 
 class Breakdown:

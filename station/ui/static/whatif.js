@@ -31,7 +31,7 @@ export class WhatIf {
     const figure = (n, text, id) => el("div", { "data-testid": id }, el("strong", { text: num(n) }), text);
     this.out.replaceChildren(
       el("p", { text: `Of the last ${num(r.verdicts)} verdicts this page received (${num(r.inspected)} inspected), at threshold ${score(r.threshold)}` +
-        (r.class_confidence === null ? " with the class check as the station made it:" : ` and class confidence ${r.class_confidence}:`) }),
+        (r.class_confidence === null ? " with the class check as the station made it:" : ` and class confidence ${r.class_confidence} (${r.defect_rule === "top_class" ? "top class" : "defect classes' sum"}):`) }),
       el("div", { class: "whatif-figures" },
         figure(r.fail_to_pass, "would pass instead of fail", "fail-to-pass"),
         figure(r.pass_to_fail, "would fail instead of pass", "pass-to-fail"),
