@@ -41,6 +41,27 @@ def test_defect_changes_pixels_inside_its_mask_only() -> None:
         assert diff[~near].sum() == 0, defect
 
 
+def test_ring_small_chips_bite_from_either_edge_and_an_inner_one_shows_the_opening() -> None:
+    inner_chips = 0
+    for i in range(20):
+        stream = [7, 1, 2, i]
+        cx, cy, radius = scene_of(np.random.default_rng(stream))
+        good, _ = render_bottle(np.random.default_rng(stream), None)
+        bad, mask = render_bottle(np.random.default_rng(stream), "broken_small")
+        assert mask is not None
+        ys, xs = np.nonzero(mask)
+        reach = np.hypot(xs - cx, ys - cy) / radius
+        if reach.min() > 0.72:  # from the outer edge, as before
+            assert reach.max() > 1.0, i
+            continue
+        inner_chips += 1
+        assert reach.max() < 0.95, i  # it does not reach the outer edge
+        inside = cv2.erode(mask, np.ones((3, 3), np.uint8)) > 0
+        # Where the lit lip was, the dim inside of the bottle.
+        assert _gray(bad)[inside].mean() < _gray(good)[inside].mean() - 40, i
+    assert 3 <= inner_chips <= 10  # about 30 %, as in the other styles
+
+
 def test_write_dataset_mvtec_layout(tmp_path: Path) -> None:
     summary = write_dataset(tmp_path, seed=3, train_good=3, test_per_class=2)
     root = tmp_path / "bottle"

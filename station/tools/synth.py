@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from station.core.folders import BOTTLE_CLASSES, DEFECT_CLASSES, GOOD, NOVEL, NOVEL_KINDS
-from station.tools.synth_base import CANONICAL_SIZE, Layers, wrap
+from station.tools.synth_base import CANONICAL_SIZE, INNER_CHIP_SHARE, Layers, wrap
 from station.tools.synth_base import INNER as _INNER
 from station.tools.synth_base import OUTER_EDGE as _OUTER_EDGE
 from station.tools.synth_base import RIM_TOP as _RIM_TOP
@@ -105,8 +105,10 @@ def _smooth_profile(rng: np.random.Generator, n: int, jitter: float) -> np.ndarr
 
 
 def _broken_mask(rng: np.random.Generator, r: np.ndarray, theta: np.ndarray, scene: _Scene,
-                 half_width_deg: tuple[float, float], depth_frac: tuple[float, float]) -> np.ndarray:
-    """Glass missing from the outer edge inward over an angular sector, with a jagged fracture."""
+                 half_width_deg: tuple[float, float], depth_frac: tuple[float, float],
+                 from_inner: bool = False) -> np.ndarray:
+    """Glass missing over an angular sector, from the outer edge inward (or from the inner edge
+    outward), with a jagged fracture."""
     centre = rng.uniform(-np.pi, np.pi)
     half = np.deg2rad(rng.uniform(*half_width_deg))
     rim = scene.radius * (1.0 - _INNER)
@@ -117,8 +119,12 @@ def _broken_mask(rng: np.random.Generator, r: np.ndarray, theta: np.ndarray, sce
     side_jag = np.interp(r / scene.radius, np.linspace(0.6, 1.0, 7), _smooth_profile(rng, 7, 0.25))
     inside = np.abs(d) < side_jag
     shape = np.sqrt(np.clip(1.0 - np.minimum(np.abs(d), 1.0) ** 2, 0.0, 1.0))
+    if from_inner:
+        start = scene.radius * _INNER
+        mask: np.ndarray = inside & (r >= start * 0.995) & (r <= start + depth * shape * edge_jag)
+        return mask
     reach = scene.radius * 1.005 - depth * shape * edge_jag
-    mask: np.ndarray = inside & (r >= reach) & (r <= scene.radius * 1.01)
+    mask = inside & (r >= reach) & (r <= scene.radius * 1.01)
     return mask
 
 
@@ -157,6 +163,12 @@ def _contamination_mask(rng: np.random.Generator, scene: _Scene, size: int) -> n
     return mask > 0
 
 
+def _opening(u: np.ndarray) -> np.ndarray:
+    """Light through the bottom, brighter at the centre: what the opening shows at ``u`` outer radii."""
+    out: np.ndarray = 0.16 + 0.32 * np.exp(-((u / 0.38) ** 2))
+    return out
+
+
 def _layers(scene: _Scene, size: int) -> Layers:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dx = xx - scene.cx
@@ -171,7 +183,7 @@ def _layers(scene: _Scene, size: int) -> Layers:
     background = scene.background * light
 
     # Radial brightness profile of the glass.
-    opening = 0.16 + 0.32 * np.exp(-((u / 0.38) ** 2))  # light through the bottom, brighter at the centre
+    opening = _opening(u)
     inner_edge = 0.85 * np.exp(-(((u - (_INNER + _RIM_TOP) / 2) / 0.03) ** 2))
     rim_top = 0.55 + 0.08 * np.cos(u * 90)  # fine concentric texture of the rim surface
     outer_edge = 0.80 * np.exp(-(((u - (_OUTER_EDGE + 1.0) / 2) / 0.035) ** 2))
@@ -233,10 +245,13 @@ def render_bottle(rng: np.random.Generator, defect: str | None, size: int = CANO
     mask: np.ndarray | None = None
     stain: np.ndarray | None = None
     dark = True
+    from_inner = False
     if defect == "broken_large":
         mask = _broken_mask(rng, r, theta, scene, (12.5, 30.0), (0.6, 1.15))
     elif defect == "broken_small":
-        mask = _broken_mask(rng, r, theta, scene, (2.0, 6.0), (0.3, 0.6))
+        # As the other styles: some small chips bite out from the inner edge, where the opening shows through.
+        from_inner = rng.uniform() < INNER_CHIP_SHARE
+        mask = _broken_mask(rng, r, theta, scene, (2.0, 6.0), (0.3, 0.6), from_inner)
     elif defect == "contamination":
         mask = _contamination_mask(rng, scene, size)
         # Foreign matter must contrast with what it lies on (a speck the eye
@@ -248,7 +263,10 @@ def render_bottle(rng: np.random.Generator, defect: str | None, size: int = CANO
             stain *= rng.uniform(0.5, 1.0, 3).astype(np.float32)
 
     if mask is not None and defect != "contamination":
-        alpha = np.where(mask, 0.0, alpha)
+        if from_inner:
+            glass = np.where(mask, _opening(u), glass)
+        else:
+            alpha = np.where(mask, 0.0, alpha)
         # The fracture edge catches the light: a bright seam along the break.
         ring = cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
         seam = ring & ~mask & (u <= 1.0)

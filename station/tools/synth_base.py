@@ -17,6 +17,8 @@ TINTS = np.array([[0.92, 0.95, 0.95], [0.55, 0.85, 0.50], [0.30, 0.55, 0.85]], d
 INNER = 0.70  # the opening ends and the inner rim edge begins
 RIM_TOP = 0.78  # the flat top of the rim begins
 OUTER_EDGE = 0.93  # the rounded outer edge begins
+#: the share of small chips that bite out from the inner edge rather than in from the outer one (every style)
+INNER_CHIP_SHARE = 0.3
 
 
 class SceneLike(Protocol):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from station.tools.synth_base import CANONICAL_SIZE, TINTS, Layers, smooth_field, wrap
+from station.tools.synth_base import CANONICAL_SIZE, INNER_CHIP_SHARE, TINTS, Layers, smooth_field, wrap
 from station.tools.synth_novel import render_novel_on
 
 #: the styles this module draws; station.tools.synth adds "ring"
@@ -212,7 +212,7 @@ def _chip_mask(rng: np.random.Generator, look: Look, layers: Layers, large: bool
     """Glass missing over an angular sector, from the outer edge inward (or, for a small chip, from
     the inner edge outward): V-shaped to flat-bottomed, with a jagged fracture. Also says which edge."""
     r, theta = layers.r, layers.theta
-    from_inner = (not large) and rng.uniform() < 0.3
+    from_inner = (not large) and rng.uniform() < INNER_CHIP_SHARE
     centre = rng.uniform(-np.pi, np.pi)
     half = np.deg2rad(rng.uniform(10.0, 35.0) if large else rng.uniform(1.5, 7.0))
     rim = look.radius * (1.0 - look.inner)
