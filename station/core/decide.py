@@ -26,7 +26,7 @@ REASON_SHUTDOWN = "shutdown"
 @dataclass(frozen=True)
 class Policy:
     classes: tuple[str, ...]
-    class_confidence: float  # a defect class at or above this probability fails the bottle
+    class_confidence: float  # defective at or above this probability (by ``defect_rule``) fails the bottle
     anomaly_threshold: float  # an anomaly score above this fails the bottle
     canonical_size: int
     radius_margin: float  # of the polar view, to map anomaly regions back into the canonical view

@@ -292,8 +292,8 @@ class confidence {figures['class_confidence']} ({html.escape(figures['defect_rul
 <td>{pct(figures['good_passed'])}</td></tr></table>
 <h2>Per class</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>images</th></tr>{rows}</table>
 <h2>Each check alone</h2><p>Share rejected by the anomaly check alone (score above the threshold, whatever
-the classifier says), by the classifier alone (a defect class at or above the class confidence) and by both
-(the verdict); last row: good bottles passed under each.</p>
+the classifier says), by the classifier alone (defective at or above the class confidence, by the
+bundle's defect rule) and by both (the verdict); last row: good bottles passed under each.</p>
 <table><tr><th>bottles</th><th>images</th><th>anomaly only</th><th>classifier only</th><th>combined</th></tr>
 {check_rows}</table>
 {novel_html}

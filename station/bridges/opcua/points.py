@@ -103,8 +103,8 @@ POINTS: tuple[Point, ...] = (
     *(Point(f"Counters.{key.capitalize()}", V.UInt32, 0, f"the station's {key} counter, this run")
       for key in COUNTER_KEYS),
     Point("LastVerdict.Verdict", V.String, "", "pass, fail or skipped; empty before the first verdict"),
-    Point("LastVerdict.ClassLabel", V.String, "", "the classifier's top class; empty when not inspected"),
-    Point("LastVerdict.Confidence", V.Double, -1.0, "the top class's probability, 0..1; -1 when not inspected",
+    Point("LastVerdict.ClassLabel", V.String, "", "the class the verdict names; empty when not inspected"),
+    Point("LastVerdict.Confidence", V.Double, -1.0, "the named class's probability, 0..1; -1 when not inspected",
           ONE, (0.0, 1.0)),
     Point("LastVerdict.AnomalyScore", V.Double, -1.0, "the anomaly score; -1 when not inspected", SCORE),
     Point("LastVerdict.AnomalyThreshold", V.Double, -1.0,
