@@ -46,7 +46,7 @@ def decide(row: Row, rule: Rule) -> str:
     return "fail" if defect or score > rule.threshold else "pass"
 
 
-def _defective(row: Row, defect_rule: str) -> float | None:
+def _defective(row: Row, defect_rule: DefectRule) -> float | None:
     """What the rule weighs against the class confidence, as station/core/decide.py does; None: never a defect."""
     if defect_rule == TOP_CLASS:
         confidence = row.get("confidence")
